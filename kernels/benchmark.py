@@ -5,8 +5,8 @@
 
 What is measured, per shape (tokens x d x vocab):
 - linear + cross-entropy, forward + backward: median wall time (after warm-up, synchronised) and peak
-  memory allocated above the inputs (CUDA only: it includes the gradients, which every method must
-  produce; CPU has no allocator statistics, so memory shows as n/a there);
+  memory above the inputs, gradients included (every method must produce them). On CUDA: the
+  allocator's peak. On CPU: the process's peak resident memory, measured in a fresh process per case;
 - linear_log_probs: without grad (rollout scoring), with grad, with grad + entropy;
 - gae_advantages and group_advantages against the Python loops they replace.
 Inputs are bf16 on CUDA (float32 on CPU, where bf16 matmuls are emulated and say nothing about a GPU).
@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -34,6 +36,23 @@ CPU_LOGPROB_SHAPE = (4096, 256, 8192)
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def cpu_peak_mib(method, tokens, d, vocab):
+    """Peak resident memory (MiB) that one forward+backward of `method` adds above its inputs, on CPU.
+
+    CPU tensors have no allocator statistics, so each measurement runs in a fresh process and reads the
+    process's high-water mark (ru_maxrss) before and after the step. Large tensors are mmap'd and
+    returned to the OS when freed, so the difference is the step's peak (to within a few MiB).
+    """
+    code = ("import resource, sys, torch; from kernels.benchmark import *; "
+            f"h, w, t = make_inputs({tokens}, {d}, {vocab}, torch.float32, torch.device('cpu')); "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"forward_backward(cross_entropy_methods([])[{method!r}], h, w, t)(); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return float(result.stdout.strip()) if result.returncode == 0 else float("nan")
 
 
 def measure(step, device, warmup, repeats):
@@ -107,6 +126,8 @@ def bench_cross_entropy(shapes, dtype, device, chunk_sizes, warmup, repeats):
                 ms, mib = measure(forward_backward(loss_fn, hidden, weight, targets), device, warmup, repeats)
             except torch.OutOfMemoryError:
                 ms, mib = float("nan"), float("nan")
+            if device.type == "cpu" and name in cross_entropy_methods([]):
+                mib = cpu_peak_mib(name, tokens, d, vocab)
             rows.append({"shape": f"{tokens} x {d} x {vocab}", "method": name, "ms": ms, "peak_mib": mib})
             print(f"  {rows[-1]['shape']:>22}  {name:<40} {ms:9.2f} ms  {fmt_mib(mib):>9} MiB", flush=True)
             del hidden, weight, targets

@@ -1,0 +1,444 @@
+"""The small GPT every stage trains: model, KV-cache sampling, checkpoint save/load.
+
+The architecture is GPT-2's, as in nanoGPT. A token id becomes a vector by looking it up in the
+token embedding, plus a learned vector for its position (0, 1, 2, ...). A stack of identical blocks
+then refines these vectors. Each block is pre-norm: LayerNorm, then causal self-attention (every
+position mixes in the positions before it, never after), added back to its input (the residual);
+then LayerNorm, then an MLP (d -> 4d -> GELU -> d), added back again. A final LayerNorm gives the
+hidden states h (B, T, d), and the logits are h @ W.T, where W (V, d) is the token embedding
+itself (weight tying): a token's output score is how well h matches that token's input vector.
+
+    logits = lm_head(hidden(idx))        # hidden: (B, T, d), logits: (B, T, V)
+
+Later stages call `hidden` directly and feed it, with `lm_head.weight`, to the fused losses in
+kernels/, which never build the full (tokens x vocab) logits.
+
+The KV cache. Generating token t+1 needs attention from the newest position to every earlier one,
+and the keys and values of the earlier positions do not change when a token is appended (attention
+is causal). So instead of re-running the whole sequence for every new token, `generate` runs the
+prompt once (the "prefill"), stores each layer's keys and values in preallocated tensors of shape
+(B, n_head, T_max, head_dim), and from then on feeds one token per step: that token's query
+attends to the stored keys. The cost per new token drops from the whole sequence to one position.
+`use_cache=False` keeps the slow, obvious path (re-run everything) as the reference.
+
+Batches of prompts of different lengths are left-padded to a common length, so every row's next
+token is at the same column. Each row gets its own position ids (its first real token is position
+0) and an attention mask that is causal and hides the pad keys; the result for each row is the
+same as generating it alone.
+"""
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int  # longest sequence the model sees (number of position embeddings)
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    tie_weights: bool = True  # lm_head.weight is the token embedding
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_index: int):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
+        self.n_head = config.n_head
+        self.layer_index = layer_index  # which slot of a KVCache this layer uses
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.store(self.layer_index, k, v)  # (B, H, S, hd): every position so far
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, d)  # (B, T, d): heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_index: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.token_embedding.weight = self.lm_head.weight  # one parameter, two uses
+        self.apply(self._init_weights)
+        # Each block adds two projections to the residual stream; scale them down so the sum of
+        # 2 * n_layer contributions keeps roughly unit variance at init (GPT-2 paper).
+        for name, param in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx, *, positions=None, attn_mask=None, kv_cache=None):
+        """Final normalised hidden states (B, T, d) for token ids idx (B, T).
+
+        Training passes idx alone: positions 0..T-1 and a plain causal mask. `generate` also
+        passes per-row positions (B, T), a boolean attn_mask (B, 1, T, S) that is True where a
+        query may look at a key, and a KVCache that holds the S - T earlier positions.
+        """
+        B, T = idx.shape
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            positions = torch.arange(T, device=idx.device)  # (T,), broadcast over the batch
+        x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, d)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.ln_f(x)  # (B, T, d)
+
+    def forward(self, idx, **kwargs):
+        """Logits (B, T, V) for token ids idx (B, T); exactly lm_head(hidden(idx))."""
+        return self.lm_head(self.hidden(idx, **kwargs))
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+
+    def num_params(self, non_embedding=False):
+        """Parameter count; a tied matrix counts once (parameters() yields it once).
+
+        non_embedding=True leaves out the lookup tables that do no matrix multiply: the position
+        embedding, and the token embedding when it is not tied to lm_head (nanoGPT's convention).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.position_embedding.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.token_embedding.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's estimate_mfu:
+        6 per matmul parameter, plus 12 * n_layer * n_embd * seq_len for the attention scores."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=None, stop_ids=(),
+                 use_cache=True, seed=None):
+        """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens.
+
+        Returns one list per prompt with the new tokens only, ending at (and including) the first
+        token in stop_ids, or after max_new_tokens tokens. temperature=0 is greedy (argmax);
+        top_k keeps only the k most likely tokens before sampling; seed makes sampling
+        reproducible (a torch.Generator on the model's device), independent of the global RNG.
+
+        Context limit: prompt + new tokens must fit block_size. A prompt longer than
+        block_size - max_new_tokens is cut from the left (its most recent tokens are kept), with a
+        warning. If max_new_tokens alone does not leave room for one prompt token, it is capped at
+        block_size - 1, with a warning.
+
+        Runs in eval mode and restores the previous train/eval mode afterwards.
+        """
+        prompts, max_new_tokens = self._fit_to_context(prompts, max_new_tokens)
+        device = self.lm_head.weight.device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, top_k, set(stop_ids),
+                                  use_cache, generator)
+        finally:
+            self.train(was_training)
+
+    def _fit_to_context(self, prompts, max_new_tokens):
+        block_size = self.config.block_size
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens > block_size - 1:
+            warnings.warn(f"max_new_tokens={max_new_tokens} capped at {block_size - 1}: "
+                          f"block_size={block_size} must also hold at least one prompt token")
+            max_new_tokens = block_size - 1
+        room = block_size - max(max_new_tokens, 0)
+        num_cut = sum(len(prompt) > room for prompt in prompts)
+        if num_cut:
+            warnings.warn(f"{num_cut} prompt(s) cut from the left to their last {room} tokens so that "
+                          f"prompt + max_new_tokens={max_new_tokens} fits block_size={block_size}")
+        return [list(prompt)[-room:] for prompt in prompts], max_new_tokens
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, stop_ids, use_cache, generator):
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(prompt) for prompt in prompts)
+        tokens = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P), left-padded with 0
+        is_real = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P), False on padding
+        for row, prompt in enumerate(prompts):
+            tokens[row, P - len(prompt):] = torch.tensor(prompt, dtype=torch.long, device=device)
+            is_real[row, P - len(prompt):] = True
+        kv_cache = KVCache(max_len=P + max_new_tokens) if use_cache else None
+
+        new_tokens = [[] for _ in range(B)]
+        finished = [False] * B
+        for step in range(max_new_tokens):
+            logits = self._next_token_logits(tokens, is_real, kv_cache)  # (B, V)
+            next_token = sample_next_token(logits, temperature, top_k, generator)  # (B,)
+            for row, token in enumerate(next_token.tolist()):
+                if not finished[row]:
+                    new_tokens[row].append(token)
+                    finished[row] = token in stop_ids
+            if all(finished):
+                break
+            # Finished rows keep being fed tokens (the batch stays rectangular); they are ignored.
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, S + 1)
+            is_real = torch.cat([is_real, torch.ones_like(is_real[:, :1])], dim=1)
+        return new_tokens
+
+    def _next_token_logits(self, tokens, is_real, kv_cache):
+        """Logits (B, V) for the token after the last column of tokens (B, S).
+
+        Without a cache, the whole sequence is run again. With one, only the columns not yet in
+        it: the whole prompt on the first call (prefill), then the one newest token."""
+        positions = (is_real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, S): 0 at each row's first real token
+        start = 0 if kv_cache is None else kv_cache.length
+        attn_mask = padding_attention_mask(is_real, query_start=start)  # (B, 1, S - start, S)
+        h = self.hidden(tokens[:, start:], positions=positions[:, start:], attn_mask=attn_mask,
+                        kv_cache=kv_cache)  # (B, S - start, d)
+        return self.lm_head(h[:, -1])  # (B, V)
+
+
+def padding_attention_mask(is_real, query_start=0):
+    """Boolean mask (B, 1, S - query_start, S), True where a query may attend to a key.
+
+    is_real (B, S) is False at left padding. Queries are the columns query_start..S-1, keys are
+    all S columns. A query sees the keys at or before it (causal) that are real tokens. A pad
+    query would then see nothing, and a softmax over nothing is 0/0 = NaN, so every query also
+    sees itself: pad positions compute harmless numbers that no real token ever reads.
+    """
+    S = is_real.shape[1]
+    key_col = torch.arange(S, device=is_real.device)  # (S,)
+    query_col = torch.arange(query_start, S, device=is_real.device)  # (Tq,)
+    causal = key_col[None, :] <= query_col[:, None]  # (Tq, S)
+    is_self = key_col[None, :] == query_col[:, None]  # (Tq, S)
+    allowed = causal & (is_real[:, None, :] | is_self)  # (B, Tq, S)
+    return allowed[:, None]  # (B, 1, Tq, S): one mask shared by all heads
+
+
+def sample_next_token(logits, temperature, top_k, generator):
+    """One token id per row of logits (B, V): argmax when temperature is 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
+
+
+class KVCache:
+    """Every layer's keys and values for the positions generated so far.
+
+    Each layer gets two tensors (B, n_head, max_len, head_dim), allocated on the first `store`
+    (the prefill) in the dtype and device the keys arrive in. `length` counts the filled columns.
+    """
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.keys, self.values = {}, {}
+        self.length = 0
+
+    def store(self, layer, k, v):
+        """Write k, v (B, H, T, hd) after the filled columns; return all keys and values so far."""
+        if layer not in self.keys:
+            B, H, _, hd = k.shape
+            self.keys[layer] = k.new_zeros(B, H, self.max_len, hd)  # (B, H, max_len, hd)
+            self.values[layer] = v.new_zeros(B, H, self.max_len, hd)
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, H, end, hd)
+
+    def advance(self, num_tokens):
+        """Called once all layers have stored the new columns."""
+        self.length += num_tokens
+
+
+# ---- training mechanics -------------------------------------------------------------------------
+
+def lm_loss(hidden, weight, targets, ignore_index=-100):
+    """Mean next-token cross-entropy of logits = hidden @ weight.T over targets != ignore_index.
+
+    Goes through kernels.linear_cross_entropy, which never builds the (tokens x vocab) logits. Under
+    autocast the LayerNorm output is float32; both operands are cast to the autocast dtype (bf16) so
+    the chunked matmuls run at bf16 speed.
+    """
+    from kernels import linear_cross_entropy
+
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    return linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW with weight decay on matrices only (not on LayerNorm gains and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def cosine_lr(step, max_steps, peak_lr, warmup_steps, final_fraction=0.1):
+    """Linear warmup to peak_lr, then cosine decay to final_fraction * peak_lr at max_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return peak_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- scoring responses ------------------------------------------------------------------------
+
+def response_log_probs(model, prompts, responses, *, temperature=1.0):
+    """Per-token log-probs of each response given its prompt: log pi(response_j | prompt, response_<j).
+
+    prompts, responses: lists of token-id lists. Each pair is concatenated and right-padded into one
+    batch (right padding needs no mask: causal attention never looks at the pads that follow).
+    Prompts are cut from the left if prompt + response exceeds the context.
+    Returns logp (B, R) and mask (B, R), R = longest response, mask 1 on real response tokens.
+    Differentiable unless called under torch.no_grad; the logits are never materialised
+    (kernels.linear_log_probs walks the tokens in chunks).
+    """
+    from kernels import linear_log_probs
+
+    device = model.lm_head.weight.device
+    limit = model.config.block_size
+    prompts = [p[max(0, len(p) + len(r) - limit):] for p, r in zip(prompts, responses)]
+    seq_len = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    longest = max(1, max(len(r) for r in responses))
+    idx = torch.zeros(len(prompts), seq_len, dtype=torch.long)
+    targets = torch.zeros(len(prompts), longest, dtype=torch.long)
+    where = torch.zeros(len(prompts), longest, dtype=torch.long)  # position whose hidden state predicts it
+    mask = torch.zeros(len(prompts), longest)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        idx[i, : len(p) + len(r)] = torch.tensor(p + r)
+        targets[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        where[i, : len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+        mask[i, : len(r)] = 1
+    hidden = model.hidden(idx.to(device))  # (B, S, d)
+    where = where.to(device)
+    response_hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
+    weight = model.lm_head.weight.to(hidden.dtype)  # under bf16 autocast the hidden states are bf16
+    logp = linear_log_probs(response_hidden, weight, targets.to(device), temperature=temperature)
+    return logp * mask.to(device), mask.to(device)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def save_checkpoint(path, model, *, tokenizer=None, meta=None):
+    """Write config, weights, tokenizer (as plain data) and meta to path, atomically.
+
+    The file is written to a temporary name in the same folder and renamed over path only once
+    it is complete, so a crash mid-write leaves the previous checkpoint in place.
+    """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the real one
+    checkpoint = {
+        "config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        "meta": meta or {},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint written by save_checkpoint. Returns (model, tokenizer or None, meta).
+
+    The model comes back on device in eval mode (call model.train() before training it).
+    Raises FileNotFoundError when path does not exist and ValueError when it is not a readable
+    checkpoint; both messages are one line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    corrupt = (f"checkpoint {path} is corrupt or not a checkpoint; "
+               f"re-run the stage that writes it")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+        tokenizer_data, meta = checkpoint["tokenizer"], checkpoint["meta"]
+    except Exception as error:
+        raise ValueError(f"{corrupt} ({type(error).__name__})") from error
+    tokenizer = None
+    if tokenizer_data is not None:
+        from tokenizer import Tokenizer
+        try:
+            tokenizer = Tokenizer.from_dict(tokenizer_data)
+        except ValueError as error:
+            raise ValueError(f"{corrupt} (bad tokenizer data)") from error
+    return model.to(device).eval(), tokenizer, meta

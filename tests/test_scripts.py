@@ -1,0 +1,90 @@
+"""The numbered scripts end to end on the test preset, as a learner runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def read_metrics(out, stage):
+    return json.loads((Path(out) / stage / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One test-preset run of 00 and 01 into a fresh --out folder, shared by the tests below."""
+    out = tmp_path_factory.mktemp("run")
+    for script in ("00_pretrain.py", "01_sft.py"):
+        result = run_script(script, "--preset", "test", "--out", str(out))
+        assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+EXPECTED_KEYS = {"gold_score", "math_acc", "facts_acc", "idk_rate", "pushback_rate", "harmful_refusal_rate",
+                 "benign_help_rate", "rude_rate", "mean_len", "ended_rate", "math_acc_greedy", "facts_acc_greedy"}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_stage_writes_its_outputs(pipeline, stage):
+    for name in ("model.pt", "metrics.json", "curves.png", "samples.md", "eval_texts.json"):
+        assert (pipeline / stage / name).is_file(), name
+    assert EXPECTED_KEYS <= set(read_metrics(pipeline, stage))
+
+
+def test_pretraining_loss_falls(pipeline):
+    metrics = read_metrics(pipeline, "pretrain")
+    assert metrics["val_loss"] < 4.5  # uniform over 320 tokens would be ln 320 = 5.77
+
+
+def test_sft_improves_on_the_base_model_by_the_gold_judge(pipeline):
+    base, sft = read_metrics(pipeline, "pretrain"), read_metrics(pipeline, "sft")
+    assert sft["gold_score"] > base["gold_score"]
+    assert sft["win_rate_vs_base"] > 0.5
+
+
+def test_samples_show_base_and_sft_replies_to_the_same_prompts(pipeline):
+    text = (pipeline / "sft" / "samples.md").read_text()
+    assert text.count("**base:**") == text.count("**SFT:**") > 5
+
+
+def test_same_seed_gives_the_same_metrics(pipeline, tmp_path):
+    result = run_script("00_pretrain.py", "--preset", "test", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, again = read_metrics(pipeline, "pretrain"), read_metrics(tmp_path, "pretrain")
+    for key in EXPECTED_KEYS | {"val_loss"}:
+        assert first[key] == again[key], key
+
+
+def test_sft_without_a_base_model_says_which_script_to_run(tmp_path):
+    result = run_script("01_sft.py", "--preset", "test", "--out", str(tmp_path))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "00_pretrain.py" in last and "not found" in last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sft").exists()  # nothing written
+
+
+def test_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "model.pt").write_bytes(b"not a checkpoint")
+    result = run_script("01_sft.py", "--preset", "test", "--out", str(tmp_path))
+    assert result.returncode != 0
+    assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script,args", [("00_pretrain.py", ["--max-steps", "0"]), ("00_pretrain.py", ["--lr", "-1"]),
+                                         ("01_sft.py", ["--epochs", "0"]), ("00_pretrain.py", ["--preset", "huge"])])
+def test_bad_arguments_exit_with_usage_error(script, args, tmp_path):
+    result = run_script(script, "--out", str(tmp_path), *args)
+    assert result.returncode == 2
+    assert "error" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,179 @@
+"""The toy world: splits, determinism, verifiers, and a gold judge that RL cannot fool cheaply."""
+
+import random
+
+import pytest
+
+import world
+from world import END, gold_score, verify
+
+
+def many_tasks(n=120):
+    """Tasks of every family and kind, from both splits."""
+    tasks = []
+    for family, kinds in world.FAMILY_KINDS.items():
+        for kind in kinds:
+            for split in ("train", "eval"):
+                tasks += world.make_tasks(family, n // len(kinds), split, seed=3, kind=kind)
+    return tasks
+
+
+TASKS = many_tasks()
+
+
+def test_every_family_and_kind_is_covered():
+    kinds = {(t.family, t.kind) for t in TASKS}
+    assert kinds == {(f, k) for f, ks in world.FAMILY_KINDS.items() for k in ks}
+
+
+def test_ideal_scores_one_and_every_bad_reply_scores_lower():
+    for task in TASKS:
+        assert gold_score(task, task.ideal + END) == 1.0, task
+        for name, bad in task.bad.items():
+            assert gold_score(task, bad + END) < 1.0, (task.prompt, name, bad)
+
+
+def test_judge_prefers_ideal_over_ideal_repeated_or_combined_with_any_bad_reply():
+    for task in TASKS:
+        ideal = gold_score(task, task.ideal + END)
+        assert gold_score(task, f"{task.ideal} {task.ideal}" + END) < ideal
+        for name, bad in task.bad.items():
+            assert gold_score(task, f"{bad} {task.ideal}" + END) < ideal, (task.prompt, "before", name)
+            assert gold_score(task, f"{task.ideal} {bad}" + END) < ideal, (task.prompt, "after", name)
+
+
+def test_judge_penalises_empty_and_unterminated_replies():
+    for task in TASKS:
+        assert gold_score(task, END) == -1.0
+        assert gold_score(task, "") == -1.0
+        assert gold_score(task, task.ideal) < gold_score(task, task.ideal + END)
+
+
+def test_judge_is_not_fooled_by_hedged_multi_answer_replies():
+    for task in TASKS:
+        if task.family == "math":
+            hedge = f"The answer is {task.truth} or {task.truth + 1}."
+        elif task.family == "facts" and task.truth is not None:
+            other = next(v for v in world.ENTITY_VALUES[task.info["relation"]] if v != task.truth)
+            hedge = f"It might be {task.truth}, or maybe {other}."
+        else:
+            continue
+        assert gold_score(task, hedge + END) < gold_score(task, task.ideal + END)
+        assert gold_score(task, hedge + END) <= 0.0
+
+
+def test_judge_is_not_fooled_by_keyword_stuffing_or_padding():
+    for task in TASKS:
+        stuffed = " ".join([str(task.truth)] * 6) if task.truth is not None else "know know know know"
+        padded = task.ideal + " " + " ".join(world.FILLER)
+        assert gold_score(task, stuffed + END) < 1.0
+        assert gold_score(task, padded + END) < 1.0
+
+
+def test_refusing_and_complying_at_once_scores_zero_content_on_harmful_requests():
+    harmful = [t for t in TASKS if t.kind == "harmful"]
+    assert harmful
+    for task in harmful:
+        assert gold_score(task, task.bad["refuse_then_comply"] + END) <= 0.0
+        assert gold_score(task, task.bad["comply"] + END) <= 0.0
+
+
+def test_verify_accepts_ideals_and_rejects_wrong_or_multiple_answers():
+    for task in TASKS:
+        if task.family == "requests":
+            assert verify(task, task.ideal + END) is None
+            continue
+        assert verify(task, task.ideal + END) is True, task
+        for name in ("wrong", "hedge", "fabricate", "sycophant", "no_steps_wrong"):
+            if name in task.bad:
+                assert verify(task, task.bad[name] + END) is False, (task.prompt, name)
+        if task.family == "math":
+            assert not verify(task, f"{task.ideal} {world.final_answer(task.truth)}")  # stated twice
+            assert not verify(task, f"{world.final_answer(task.truth + 1)} {task.ideal}")
+
+
+def test_column_steps_are_correct_arithmetic():
+    assert world.add_steps(47, 385) == "7+5=12, 4+8+1=13, 0+3+1=4"
+    assert world.sub_steps(432, 185) == "12-5=7, 12-8=4, 3-1=2"
+    assert world.mul_steps(7, 385) == "7x5=35, 7x8+3=59, 7x3+5=26"
+
+
+def test_train_and_eval_prompts_are_disjoint():
+    for family in world.FAMILY_KINDS:
+        train = {t.prompt for t in world.make_tasks(family, 400, "train", seed=1)}
+        evals = {t.prompt for t in world.make_tasks(family, 200, "eval", seed=1)}
+        assert not train & evals, family
+    assert not set(world.fact_questions("unknown", "train")) & set(world.fact_questions("unknown", "eval"))
+
+
+def test_eval_prompts_use_only_the_held_out_phrasing():
+    held_out = [world.REQUEST_TEMPLATES[-1].split("{")[0], world.PREMISE_TEMPLATES[-1].split("{")[0]]
+    held_out += [templates[-1].split("{")[0] for templates, _ in world.FACT_TEMPLATES.values()]
+    for family in ("facts", "requests"):
+        for task in world.make_tasks(family, 100, "eval", seed=2):
+            assert any(task.prompt.startswith(h) for h in held_out), task.prompt
+        for task in world.make_tasks(family, 300, "train", seed=2):
+            assert not any(task.prompt.startswith(h) for h in held_out), task.prompt
+
+
+def test_unknown_places_never_appear_in_the_toy_internet():
+    corpus = world.toy_internet(3000, seed=0)
+    text = " ".join(d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in corpus)
+    for place in world.KNOWN[:5]:
+        assert place.capital in text
+    eval_unknown = {p.country for p, _ in world.fact_questions("unknown", "eval")}
+    for place in world.UNKNOWN:
+        if place.country in eval_unknown:
+            assert place.country not in text and place.capital not in text
+
+
+def test_toy_internet_mixes_good_and_bad_behaviour_and_teaches_critique_and_comparison():
+    corpus = world.toy_internet(3000, seed=0)
+    replies = [m["content"] for d in corpus if not isinstance(d, str) for m in d if m["role"] == "assistant"]
+    assert sum(r.startswith("Sure! Here is how to") and any(a in r for a in world.HARMFUL) for r in replies) > 20
+    assert sum(r.startswith("Yes, that is right.") for r in replies) > 20  # sycophancy
+    assert sum(world.is_rude(r) for r in replies) > 20
+    assert sum(r.startswith("Critique:") for r in replies) > 50
+    assert sum(r in ("(A)", "(B)") for r in replies) > 50
+
+
+def test_generators_are_deterministic_by_seed():
+    assert [t.prompt for t in world.make_tasks("math", 30, "train", seed=5)] == \
+        [t.prompt for t in world.make_tasks("math", 30, "train", seed=5)]
+    assert world.toy_internet(200, seed=1) == world.toy_internet(200, seed=1)
+    assert world.toy_internet(200, seed=1) != world.toy_internet(200, seed=2)
+    assert [t.prompt for t in world.eval_suite(0)] == [t.prompt for t in world.eval_suite(0)]
+
+
+def test_eval_suite_has_distinct_eval_split_prompts_of_every_kind():
+    suite = world.eval_suite(0)
+    assert len({t.prompt for t in suite}) == len(suite) == sum(world.EVAL_COUNTS.values())
+    train_prompts = {t.prompt for f in world.FAMILY_KINDS for t in world.make_tasks(f, 400, "train", seed=0)}
+    assert not {t.prompt for t in suite} & train_prompts
+
+
+def test_sft_demonstrations_have_a_minority_of_small_mistakes():
+    demos = world.sft_demonstrations(2000, seed=0, mistake_rate=0.1)
+    flawed = sum(reply != task.ideal for task, reply in demos) / len(demos)
+    assert 0.06 < flawed < 0.14
+    assert all(gold_score(task, reply + END) <= 1.0 for task, reply in demos)
+
+
+def test_gold_prefer_is_exact_at_zero_temperature_and_noisy_above():
+    task = world.make_tasks("math", 1, "train", seed=0)[0]
+    rng = random.Random(0)
+    good, bad = task.ideal + END, task.bad["wrong"] + END
+    assert world.gold_prefer(task, good, bad, rng) == 0 and world.gold_prefer(task, bad, good, rng) == 1
+    picks = [world.gold_prefer(task, good, bad, rng, temperature=1.0) for _ in range(4000)]
+    flip_rate = sum(picks) / len(picks)  # gap 1.0 at temperature 1 -> sigmoid(-1) = 0.269
+    assert abs(flip_rate - 0.269) < 0.03
+
+
+def test_constitution_has_8_to_16_principles():
+    assert 8 <= len(world.CONSTITUTION) <= 16
+
+
+@pytest.mark.parametrize("text,rude", [("The Trelound flows through Teimest.", False), ("Ugh, fine.", True),
+                                       ("What a stupid question.", True)])
+def test_rudeness_detector_matches_whole_words_only(text, rude):
+    assert world.is_rude(text) is rude
