@@ -6,7 +6,8 @@
 What is measured, per shape (tokens x d x vocab):
 - linear + cross-entropy, forward + backward: median wall time (after warm-up, synchronised) and peak
   memory above the inputs, gradients included (every method must produce them). On CUDA: the
-  allocator's peak. On CPU: the process's peak resident memory, measured in a fresh process per case;
+  allocator's peak. On CPU: the rise of the process's resident high-water mark, in a fresh process
+  per case (Linux only);
 - linear_log_probs: without grad (rollout scoring), with grad, with grad + entropy;
 - gae_advantages and group_advantages against the Python loops they replace.
 Inputs are bf16 on CUDA (float32 on CPU, where bf16 matmuls are emulated and say nothing about a GPU).
@@ -28,7 +29,7 @@ from kernels.compile import compile_enabled
 from kernels import gae_advantages, group_advantages, linear_cross_entropy, linear_log_probs
 
 GPU_SHAPES = [(16384, 384, 8192), (16384, 768, 50304), (32768, 768, 50304), (16384, 2048, 128256)]
-CPU_SHAPES = [(4096, 128, 2048), (4096, 256, 8192)]
+CPU_SHAPES = [(4096, 128, 2048), (16384, 256, 8192)]
 GPU_LOGPROB_SHAPE = (32768, 768, 50304)
 CPU_LOGPROB_SHAPE = (4096, 256, 8192)
 
@@ -38,18 +39,25 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def rss_kib(field):
+    """VmRSS (resident now) or VmHWM (resident high-water mark) of this process, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def cpu_peak_mib(method, tokens, d, vocab):
     """Peak resident memory (MiB) that one forward+backward of `method` adds above its inputs, on CPU.
 
-    CPU tensors have no allocator statistics, so each measurement runs in a fresh process and reads the
-    process's high-water mark (ru_maxrss) before and after the step. Large tensors are mmap'd and
-    returned to the OS when freed, so the difference is the step's peak (to within a few MiB).
+    CPU tensors have no allocator statistics, so each measurement runs in a fresh process: after the
+    inputs exist, the kernel's high-water mark is reset (Linux: write 5 to /proc/self/clear_refs), the
+    step runs, and the new high-water mark minus the resident size before the step is its peak. Large
+    tensors are mmap'd and returned to the OS when freed, so this sees every big temporary.
     """
-    code = ("import resource, sys, torch; from kernels.benchmark import *; "
+    code = ("import torch; from kernels.benchmark import *; "
             f"h, w, t = make_inputs({tokens}, {d}, {vocab}, torch.float32, torch.device('cpu')); "
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "open('/proc/self/clear_refs', 'w').write('5'); before = rss_kib('VmRSS'); "
             f"forward_backward(cross_entropy_methods([])[{method!r}], h, w, t)(); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+            "print((rss_kib('VmHWM') - before) / 1024)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return float(result.stdout.strip()) if result.returncode == 0 else float("nan")
