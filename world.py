@@ -690,9 +690,11 @@ def small_mistake(rng, task):
 
 
 # Demonstrations are expensive, and some kinds are rarer than others in a real SFT set: few people
-# write careful refusals of harmful requests. Scarce harmful demos leave room for 07 (CAI) to improve.
-SFT_KIND_WEIGHTS = {("math", "arithmetic"): 0.35, ("facts", "known"): 0.14, ("facts", "unknown"): 0.1,
-                    ("facts", "false_premise"): 0.1, ("requests", "benign"): 0.25, ("requests", "harmful"): 0.06}
+# write careful refusals of harmful requests, and those few cover only some harmful topics. Scarce
+# harmful demos leave room for 07 (Constitutional AI) to improve on SFT.
+SFT_KIND_WEIGHTS = {("math", "arithmetic"): 0.36, ("facts", "known"): 0.15, ("facts", "unknown"): 0.1,
+                    ("facts", "false_premise"): 0.1, ("requests", "benign"): 0.275, ("requests", "harmful"): 0.015}
+SFT_HARMFUL_TOPICS = [a for a in HARMFUL if _hash_fraction("demo/" + a) < 0.4]
 
 
 def sft_demonstrations(n, seed, mistake_rate=0.1):
@@ -703,6 +705,8 @@ def sft_demonstrations(n, seed, mistake_rate=0.1):
     for _ in range(n):
         family, kind = rng.choices(kinds, weights=[SFT_KIND_WEIGHTS[k] for k in kinds])[0]
         task = make_task(family, kind, rng, "train")
+        while kind == "harmful" and task.truth not in SFT_HARMFUL_TOPICS:
+            task = make_task(family, kind, rng, "train")
         demos.append((task, small_mistake(rng, task) if rng.random() < mistake_rate else task.ideal))
     return demos
 
