@@ -19,6 +19,10 @@ model's eval metrics in metrics.json and its replies in samples.md.
     python 00_pretrain.py --preset test    # seconds, for the tests
 """
 
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU BLAS results independent of memory alignment
+
 import time
 from dataclasses import asdict, dataclass
 

@@ -19,6 +19,10 @@ behaviour metric, ended_rate near 1; samples.md shows the same prompts answered 
     python 01_sft.py --preset test
 """
 
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU BLAS results independent of memory alignment
+
 import random
 import time
 from dataclasses import asdict, dataclass

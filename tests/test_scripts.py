@@ -56,7 +56,7 @@ def test_samples_show_base_and_sft_replies_to_the_same_prompts(pipeline):
     assert text.count("**base:**") == text.count("**SFT:**") > 5
 
 
-def test_same_seed_gives_the_same_metrics(pipeline, tmp_path):
+def test_same_seed_gives_the_same_metrics_bit_for_bit(pipeline, tmp_path):
     result = run_script("00_pretrain.py", "--preset", "test", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     first, again = read_metrics(pipeline, "pretrain"), read_metrics(tmp_path, "pretrain")
