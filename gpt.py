@@ -352,12 +352,27 @@ def cosine_lr(step, max_steps, peak_lr, warmup_steps, final_fraction=0.1):
 
 # ---- scoring responses ------------------------------------------------------------------------
 
+def pack_sequences(prompts, responses, block_size):
+    """Concatenate each prompt with its response and right-pad them into one batch.
+
+    Right padding needs no attention mask: causal attention never looks at the pads that follow.
+    Prompts are cut from the left when prompt + response would exceed block_size.
+    Returns idx (B, S) and the (possibly cut) prompt lengths (B,), both on the CPU.
+    """
+    if max(len(r) for r in responses) >= block_size:
+        raise ValueError(f"a response of {max(len(r) for r in responses)} tokens leaves no room for its prompt "
+                         f"in block_size={block_size}")
+    prompts = [p[max(0, len(p) + len(r) - block_size):] for p, r in zip(prompts, responses)]
+    idx = torch.zeros(len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses)), dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        idx[row, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+    return idx, torch.tensor([len(p) for p in prompts])
+
+
 def response_log_probs(model, prompts, responses, *, temperature=1.0):
     """Per-token log-probs of each response given its prompt: log pi(response_j | prompt, response_<j).
 
-    prompts, responses: lists of token-id lists. Each pair is concatenated and right-padded into one
-    batch (right padding needs no mask: causal attention never looks at the pads that follow).
-    Prompts are cut from the left if prompt + response exceeds the context.
+    prompts, responses: lists of token-id lists (see pack_sequences for padding and cutting).
     Returns logp (B, R) and mask (B, R), R = longest response, mask 1 on real response tokens.
     Differentiable unless called under torch.no_grad; the logits are never materialised
     (kernels.linear_log_probs walks the tokens in chunks).
@@ -365,19 +380,13 @@ def response_log_probs(model, prompts, responses, *, temperature=1.0):
     from kernels import linear_log_probs
 
     device = model.lm_head.weight.device
-    limit = model.config.block_size
-    prompts = [p[max(0, len(p) + len(r) - limit):] for p, r in zip(prompts, responses)]
-    seq_len = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    longest = max(1, max(len(r) for r in responses))
-    idx = torch.zeros(len(prompts), seq_len, dtype=torch.long)
-    targets = torch.zeros(len(prompts), longest, dtype=torch.long)
-    where = torch.zeros(len(prompts), longest, dtype=torch.long)  # position whose hidden state predicts it
-    mask = torch.zeros(len(prompts), longest)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        idx[i, : len(p) + len(r)] = torch.tensor(p + r)
-        targets[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        where[i, : len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-        mask[i, : len(r)] = 1
+    idx, prompt_lens = pack_sequences(prompts, responses, model.config.block_size)
+    lengths = torch.tensor([len(r) for r in responses])
+    steps = torch.arange(max(1, int(lengths.max())))
+    mask = (steps[None, :] < lengths[:, None]).float()  # (B, R)
+    # the hidden state at position prompt_len + j - 1 predicts response token j
+    where = (prompt_lens[:, None] + steps[None, :] - 1).clamp(max=idx.shape[1] - 1) * mask.long()
+    targets = idx.gather(1, (where + 1).clamp(max=idx.shape[1] - 1)) * mask.long()  # (B, R)
     hidden = model.hidden(idx.to(device))  # (B, S, d)
     where = where.to(device)
     response_hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)

@@ -130,8 +130,9 @@ def read_json(path):
 
 
 def plot_curves(path, panels, title):
-    """One figure with a panel per entry of panels: {panel title: {"x": label, "y": label,
-    "lines": {legend: (xs, ys)}}}. Saved as PNG."""
+    """One figure with a panel per entry of panels: {panel title: {"x": label, "y": label, and any of
+    "lines": {legend: (xs, ys)}, "points": {legend: (xs, ys)} (a scatter), or "labels": [...] with
+    "bars": {legend: [value per label]}}}. Saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,11 +143,13 @@ def plot_curves(path, panels, title):
             draw_bars(ax, panel["labels"], panel["bars"])
         for legend, (xs, ys) in panel.get("lines", {}).items():
             ax.plot(xs, ys, label=legend, marker="o" if len(xs) < 20 else None)
+        for legend, (xs, ys) in panel.get("points", {}).items():
+            ax.scatter(xs, ys, label=legend, s=8, alpha=0.4)
         ax.set_title(panel_title)
         ax.set_xlabel(panel["x"])
         ax.set_ylabel(panel["y"])
         ax.grid(alpha=0.3)
-        if len(panel.get("lines", panel.get("bars"))) > 1:
+        if sum(len(panel.get(kind, {})) for kind in ("lines", "bars", "points")) > 1:
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()

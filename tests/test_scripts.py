@@ -1,6 +1,7 @@
 """The numbered scripts end to end on the test preset, as a learner runs them."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,9 @@ def read_metrics(out, stage):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """One test-preset run of 00 and 01 into a fresh --out folder, shared by the tests below."""
+    """One test-preset run of 00, 01, 02 and 04 into a fresh --out folder, shared by the tests below."""
     out = tmp_path_factory.mktemp("run")
-    for script in ("00_pretrain.py", "01_sft.py"):
+    for script in ("00_pretrain.py", "01_sft.py", "02_reward_model.py", "04_dpo.py"):
         result = run_script(script, "--preset", "test", "--out", str(out))
         assert result.returncode == 0, result.stderr[-2000:]
     return out
@@ -33,7 +34,7 @@ EXPECTED_KEYS = {"gold_score", "math_acc", "facts_acc", "idk_rate", "pushback_ra
                  "benign_help_rate", "rude_rate", "mean_len", "ended_rate", "math_acc_greedy", "facts_acc_greedy"}
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
 def test_stage_writes_its_outputs(pipeline, stage):
     for name in ("model.pt", "metrics.json", "curves.png", "samples.md", "eval_texts.json"):
         assert (pipeline / stage / name).is_file(), name
@@ -54,6 +55,31 @@ def test_sft_improves_on_the_base_model_by_the_gold_judge(pipeline):
 def test_samples_show_base_and_sft_replies_to_the_same_prompts(pipeline):
     text = (pipeline / "sft" / "samples.md").read_text()
     assert text.count("**base:**") == text.count("**SFT:**") > 5
+
+
+def test_reward_model_reports_accuracy_correlations_and_calibration(pipeline):
+    for name in ("model.pt", "metrics.json", "curves.png", "samples.md"):
+        assert (pipeline / "reward_model" / name).is_file(), name
+    metrics = read_metrics(pipeline, "reward_model")
+    assert 0.0 <= metrics["held_out_accuracy"] <= 1.0
+    assert set(metrics["held_out_accuracy_per_family"]) <= {"math", "facts", "requests"}
+    assert -1.0 <= metrics["reward_length_correlation"] <= 1.0 and -1.0 <= metrics["reward_gold_correlation"] <= 1.0
+    assert metrics["data"]["train"]["pairs"] > 0 and 0.0 <= metrics["data"]["train"]["label_noise"] < 0.5
+    assert (pipeline / "preferences" / "train.json").is_file()  # the cache 04 reuses
+
+
+def test_dpo_starts_at_ln2_and_reports_kl_and_win_rate(pipeline):
+    metrics = read_metrics(pipeline, "dpo")
+    assert abs(metrics["step0_loss"] - math.log(2)) < 1e-3
+    assert metrics["kl_to_sft"] >= 0.0 and 0.0 <= metrics["win_rate_vs_sft"] <= 1.0
+    assert metrics["train_reward_acc"] > 0.5  # the implicit reward separates its own training pairs
+
+
+@pytest.mark.parametrize("script", ["02_reward_model.py", "04_dpo.py"])
+def test_preference_stages_without_sft_say_which_script_to_run(script, tmp_path):
+    result = run_script(script, "--preset", "test", "--out", str(tmp_path))
+    assert result.returncode != 0
+    assert "01_sft.py" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
 
 
 def test_same_seed_gives_the_same_metrics_bit_for_bit(pipeline, tmp_path):
@@ -82,7 +108,9 @@ def test_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("script,args", [("00_pretrain.py", ["--max-steps", "0"]), ("00_pretrain.py", ["--lr", "-1"]),
-                                         ("01_sft.py", ["--epochs", "0"]), ("00_pretrain.py", ["--preset", "huge"])])
+                                         ("01_sft.py", ["--epochs", "0"]), ("00_pretrain.py", ["--preset", "huge"]),
+                                         ("04_dpo.py", ["--loss", "kto"]), ("04_dpo.py", ["--label-smoothing", "0.7"]),
+                                         ("02_reward_model.py", ["--rater-temperature", "-1"])])
 def test_bad_arguments_exit_with_usage_error(script, args, tmp_path):
     result = run_script(script, "--out", str(tmp_path), *args)
     assert result.returncode == 2

@@ -1,0 +1,227 @@
+"""Stage 4: Direct Preference Optimisation. Learn from preferences without a reward model or RL.
+
+RLHF maximises reward minus a KL penalty to the reference policy:  max_pi E[r(x, y)] - beta KL(pi || ref).
+Its optimum has a closed form, pi*(y|x) = ref(y|x) exp(r(x, y) / beta) / Z(x), so any policy defines
+an *implicit reward*
+
+    r(x, y) = beta log(pi(y|x) / ref(y|x)) + beta log Z(x).
+
+Put that into the Bradley-Terry likelihood of the preference pairs; Z(x) cancels in the difference,
+and what is left is a classification loss on log-prob ratios (Rafailov et al. 2023):
+
+    L_DPO = -log sigmoid(beta [log pi(y_w|x)/ref(y_w|x) - log pi(y_l|x)/ref(y_l|x)])
+
+No reward model, no sampling during training: the SFT model is both the starting policy and the frozen
+reference. At step 0 pi = ref, every margin is 0 and the loss is ln 2 = 0.693 exactly. IPO
+((h - 1/(2 beta))^2) and the hinge loss are the same idea with other curves (--loss).
+
+What to watch: the implicit-reward accuracy and margin rising on the training pairs and, more slowly,
+on held-out ones; the log-probs of chosen and rejected replies (both often fall: DPO only needs their
+gap to grow, "likelihood displacement"); KL to SFT; the eval suite's win rate against SFT.
+
+    python 04_dpo.py                  # needs out/sft/model.pt (01) and reuses 02's preference pairs
+    python 04_dpo.py --preset test --loss ipo
+"""
+
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU BLAS results independent of memory alignment
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import world
+from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint
+from kernels import dpo_loss
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
+                    resolve_run, run_parser, stage_dir, write_json, write_samples)
+from rl import load_or_build_preferences, pair_log_probs, preference_stats, reference_log_probs
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+@dataclass
+class DPOConfig:
+    beta: float
+    loss: str  # sigmoid (DPO), ipo, hinge
+    label_smoothing: float  # cDPO: the share of labels assumed flipped
+    epochs: int
+    batch_size: int
+    lr: float
+    # the preference data: the same settings as 02 so both scripts share one cached dataset
+    n_train_prompts: int
+    n_eval_prompts: int
+    rater_temperature: float = 0.1
+    bad_mix: float = 0.3
+    max_new_tokens: int = 96
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    eval_samples: int = 4
+    log_every: int = 10
+
+
+PRESETS = {
+    "test": DPOConfig(beta=0.1, loss="sigmoid", label_smoothing=0.0, epochs=3, batch_size=16, lr=1e-3,
+                      n_train_prompts=96, n_eval_prompts=48, max_new_tokens=48, eval_samples=1, log_every=5),
+    "cpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=32, lr=2e-5,
+                     n_train_prompts=8000, n_eval_prompts=500),
+    "gpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=64, lr=2e-5,
+                     n_train_prompts=8000, n_eval_prompts=1500),
+}
+
+
+def parse_args():
+    parser = run_parser(__doc__, PRESETS)
+    parser.add_argument("--beta", type=positive_float, default=None, help="strength of the KL anchor to the reference")
+    parser.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], default=None)
+    parser.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=None,
+                        help="cDPO: assumed share of flipped labels, in [0, 0.5)")
+    parser.add_argument("--epochs", type=positive_int, default=None)
+    parser.add_argument("--lr", type=positive_float, default=None)
+    args = parser.parse_args()
+    device = resolve_run(args, parser)
+    if args.label_smoothing is not None and not 0 <= args.label_smoothing < 0.5:
+        parser.error("--label-smoothing must be in [0, 0.5)")
+    return args, preset_config(PRESETS, args, ["beta", "loss", "label_smoothing", "epochs", "lr"]), device
+
+
+# ---- method -------------------------------------------------------------------------------------
+
+def dpo_batch(policy, pairs, ref_chosen, ref_rejected, config):
+    """The DPO loss of a batch of pairs and what to log about it."""
+    pi_chosen, pi_rejected = pair_log_probs(policy, pairs)  # (B,), (B,) summed over reply tokens
+    loss, chosen_rewards, rejected_rewards = dpo_loss(
+        pi_chosen, pi_rejected, ref_chosen.to(pi_chosen.device), ref_rejected.to(pi_chosen.device),
+        beta=config.beta, loss_type=config.loss, label_smoothing=config.label_smoothing)
+    stats = {"reward_acc": (chosen_rewards > rejected_rewards).float().mean().item(),
+             "margin": (chosen_rewards - rejected_rewards).mean().item(),
+             "logp_chosen": pi_chosen.mean().item(), "logp_rejected": pi_rejected.mean().item()}
+    return loss, stats
+
+
+@torch.no_grad()
+def held_out_stats(policy, pairs, ref_chosen, ref_rejected, config, batch_size=64):
+    """Implicit-reward accuracy and margin on pairs the policy never trained on."""
+    policy.eval()
+    margins = []
+    for start in range(0, len(pairs), batch_size):
+        c, r = pair_log_probs(policy, pairs[start:start + batch_size])
+        margins.append(config.beta * ((c.float().cpu() - ref_chosen[start:start + batch_size])
+                                      - (r.float().cpu() - ref_rejected[start:start + batch_size])))
+    policy.train()
+    margins = torch.cat(margins)
+    return (margins > 0).float().mean().item(), margins.mean().item()
+
+
+def main():
+    args, config, device = parse_args()
+    out = stage_dir(args.out, "dpo")
+    sft_path = stage_dir(args.out, "sft") / "model.pt"
+    policy, tokenizer, _ = load_stage(args.out, "sft", device)
+    reference, _, _ = load_checkpoint(sft_path, device)  # frozen copy of the SFT model
+    reference.requires_grad_(False)
+    sft_texts = read_stage_json(args.out, "sft", "eval_texts.json")
+    sft_metrics = read_stage_json(args.out, "sft", "metrics.json")
+    print(f"preset {args.preset} on {device}: {config}")
+
+    # ---- data: the same cached pairs as 02; reference log-probs computed once ----
+    def preferences(split, n_prompts):
+        return load_or_build_preferences(args.out, reference, sft_path, tokenizer, n_prompts=n_prompts, split=split,
+                                         seed=args.seed, rater_temperature=config.rater_temperature,
+                                         bad_mix=config.bad_mix, max_new_tokens=config.max_new_tokens)
+
+    train_pairs, eval_pairs = preferences("train", config.n_train_prompts), preferences("eval", config.n_eval_prompts)
+    data_stats = {"train": preference_stats(train_pairs), "eval": preference_stats(eval_pairs)}
+    print(f"{len(train_pairs)} train pairs (label noise {data_stats['train']['label_noise']:.1%}), "
+          f"{len(eval_pairs)} held-out pairs")
+    ref_train = reference_log_probs(reference, train_pairs)
+    ref_eval = reference_log_probs(reference, eval_pairs)
+
+    # ---- training ----
+    policy.train()
+    optimizer = configure_optimizer(policy, config.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    order = list(range(len(train_pairs)))
+    steps_per_epoch = (len(order) + config.batch_size - 1) // config.batch_size
+    max_steps = config.epochs * steps_per_epoch
+    curve = {k: [] for k in ("step", "loss", "reward_acc", "margin", "logp_chosen", "logp_rejected",
+                             "eval_step", "eval_acc", "eval_margin")}
+    progress = Progress(max_steps, config.log_every)
+    step = 0
+    for epoch in range(config.epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = order[start:start + config.batch_size]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, stats = dpo_batch(policy, [train_pairs[i] for i in batch], ref_train[0][batch],
+                                        ref_train[1][batch], config)
+            if step == 0 and config.loss == "sigmoid":
+                print(f"step-0 loss {loss.item():.6f} (ln 2 = {math.log(2):.6f}: the policy equals the reference)")
+                assert abs(loss.item() - math.log(2)) < 1e-3, "at step 0 the policy is the reference: the loss must be ln 2"
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+            optimizer.step()
+            curve["step"].append(step)
+            curve["loss"].append(loss.item())
+            for key, value in stats.items():
+                curve[key].append(value)
+            if progress.due(step):
+                eval_acc, eval_margin = held_out_stats(policy, eval_pairs, *ref_eval, config)
+                curve["eval_step"].append(step)
+                curve["eval_acc"].append(eval_acc)
+                curve["eval_margin"].append(eval_margin)
+                progress.line(step, epoch=epoch + 1, loss=loss.item(), acc=stats["reward_acc"],
+                              margin=stats["margin"], held_out_acc=eval_acc, held_out_margin=eval_margin, lr=lr)
+            step += 1
+    train_seconds = time.time() - progress.start
+
+    # ---- evaluation and outputs ----
+    save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
+                    meta={"stage": "dpo", "preset": args.preset, "config": asdict(config)})
+    tasks = world.eval_suite(args.seed)
+    metrics, texts = world.evaluate(policy, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
+                                    max_new_tokens=config.max_new_tokens, ref_model=reference, ref_texts=sft_texts)
+    metrics.update(held_out_reward_acc=curve["eval_acc"][-1], held_out_margin=curve["eval_margin"][-1],
+                   train_reward_acc=curve["reward_acc"][-1], step0_loss=curve["loss"][0], data=data_stats,
+                   train_seconds=train_seconds, preset=args.preset, device=str(device))
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "eval_texts.json", texts)
+    print("SFT -> DPO on the eval suite:")
+    for key in world.METRIC_NAMES:
+        print(f"  {key:<22} {sft_metrics[key]:8.3f} -> {metrics[key]:8.3f}")
+    print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
+    plot_curves(out / "curves.png", {
+        "DPO loss": {"x": "step", "y": "loss", "lines": {"train batch": (curve["step"], curve["loss"]),
+                                                         "ln 2 (step 0)": ([0, max_steps - 1], [math.log(2)] * 2)}},
+        "implicit-reward accuracy": {"x": "step", "y": "share of pairs with r(chosen) > r(rejected)",
+                                     "lines": {"train batch": (curve["step"], curve["reward_acc"]),
+                                               "held-out": (curve["eval_step"], curve["eval_acc"])}},
+        "implicit-reward margin": {"x": "step", "y": "beta * (log-ratio chosen - log-ratio rejected)",
+                                   "lines": {"train batch": (curve["step"], curve["margin"]),
+                                             "held-out": (curve["eval_step"], curve["eval_margin"])}},
+        "log-probs of the replies": {"x": "step", "y": "summed log pi (nats)",
+                                     "lines": {"chosen": (curve["step"], curve["logp_chosen"]),
+                                               "rejected": (curve["step"], curve["logp_rejected"])}}},
+        title=f"04 DPO ({args.preset} preset, {config.loss}, beta {config.beta}): "
+              f"win rate vs SFT {metrics['win_rate_vs_sft']:.2f}, KL {metrics['kl_to_sft']:.2f}")
+    shown = world.sample_prompts(tasks)
+    index = {id(t): i for i, t in enumerate(tasks)}
+    write_samples(out / "samples.md", "The same prompts answered by the SFT and the DPO model (temperature 1)",
+                  [t.prompt for t in shown],
+                  {"SFT": [sft_texts[index[id(t)] * config.eval_samples] for t in shown],
+                   "DPO": [texts[index[id(t)] * config.eval_samples] for t in shown]})
+    print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
+
+
+if __name__ == "__main__":
+    main()
