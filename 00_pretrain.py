@@ -88,7 +88,7 @@ def tokenize_documents(tokenizer, documents):
 
 
 def load_or_train_tokenizer(path, documents, vocab_size):
-    """Train the BPE on the corpus text once; later runs with the same vocab size reuse the file."""
+    """Train the BPE on the corpus text once; later runs with the same corpus and vocab size reuse the file."""
     if path.exists():
         return Tokenizer.load(path)
     text = (doc if isinstance(doc, str) else " ".join(m["content"] for m in doc) for doc in documents)
@@ -129,7 +129,8 @@ def main():
 
     documents = world.toy_internet(config.n_docs, seed=args.seed)
     t0 = time.time()
-    tokenizer = load_or_train_tokenizer(out / f"tokenizer_{config.vocab_size}.json", documents, config.vocab_size)
+    cache = out / f"tokenizer_v{config.vocab_size}_docs{config.n_docs}_seed{args.seed}.json"
+    tokenizer = load_or_train_tokenizer(cache, documents, config.vocab_size)
     n_val = max(1, len(documents) // 20)
     train_stream = tokenize_documents(tokenizer, documents[n_val:])
     val_stream = tokenize_documents(tokenizer, documents[:n_val])

@@ -106,6 +106,13 @@ def held_out_loss(model, batches, on_cuda):
     return loss
 
 
+def bar_panel(base_metrics, sft_metrics):
+    """The eval-suite rates of both models side by side (mean_len has another scale: left out)."""
+    names = [k for k in world.METRIC_NAMES if k != "mean_len"]
+    return {"x": "rate on the eval suite (gold_score: mean score)", "y": "", "labels": names,
+            "bars": {"base": [base_metrics[k] for k in names], "SFT": [sft_metrics[k] for k in names]}}
+
+
 def main():
     args, config, device = parse_args()
     out = stage_dir(args.out, "sft")
@@ -118,7 +125,8 @@ def main():
     block = model.config.block_size
     examples = [chat_example(tokenizer, task.prompt, reply, block) for task, reply in demos]
     n_val = max(config.batch_size, len(examples) // 10)
-    val_batches = [pad_batch(examples[i:i + config.batch_size], device) for i in range(0, n_val, config.batch_size)]
+    val_batches = [pad_batch(examples[i:min(i + config.batch_size, n_val)], device)
+                   for i in range(0, n_val, config.batch_size)]
     train = examples[n_val:]
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     max_steps = config.epochs * steps_per_epoch
@@ -185,13 +193,6 @@ def main():
                   {"base": [base_texts[index[id(t)] * config.eval_samples] for t in shown],
                    "SFT": [texts[index[id(t)] * config.eval_samples] for t in shown]})
     print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
-
-
-def bar_panel(base_metrics, sft_metrics):
-    """The eval-suite rates of both models side by side (mean_len has another scale: left out)."""
-    names = [k for k in world.METRIC_NAMES if k != "mean_len"]
-    return {"x": "rate on the eval suite (gold_score: mean score)", "y": "", "labels": names,
-            "bars": {"base": [base_metrics[k] for k in names], "SFT": [sft_metrics[k] for k in names]}}
 
 
 if __name__ == "__main__":

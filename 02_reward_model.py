@@ -36,34 +36,28 @@ from gpt import configure_optimizer, cosine_lr
 from kernels import bradley_terry_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, resolve_run,
                     run_parser, stage_dir, write_json, write_samples)
-from rl import RewardModel, load_or_build_preferences, preference_stats, save_reward_model
+from rl import PREFERENCE_DATA, RewardModel, preference_data, preference_stats, save_reward_model
 
 
 # ---- config -------------------------------------------------------------------------------------
 
 @dataclass
 class RewardConfig:
-    n_train_prompts: int  # two replies each; ties are dropped
-    n_eval_prompts: int
-    rater_temperature: float  # noise of the rater (Bradley-Terry temperature on gold-score gaps)
-    bad_mix: float  # share of pairs whose second reply is a typical bad reply from the world
     epochs: int
     batch_size: int
     lr: float
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    max_new_tokens: int = 96
     log_every: int = 20
 
 
+# The preference data (prompts, rater noise, share of typical bad replies) is rl.PREFERENCE_DATA[preset],
+# shared with 04_dpo.py so both learn from the same cached pairs.
 PRESETS = {
-    "test": RewardConfig(n_train_prompts=96, n_eval_prompts=48, rater_temperature=0.1, bad_mix=0.3, epochs=3,
-                         batch_size=16, lr=1e-3, max_new_tokens=48, log_every=5),
-    "cpu": RewardConfig(n_train_prompts=8000, n_eval_prompts=500, rater_temperature=0.1, bad_mix=0.3, epochs=2,
-                        batch_size=32, lr=3e-4),
-    "gpu": RewardConfig(n_train_prompts=8000, n_eval_prompts=1500, rater_temperature=0.1, bad_mix=0.3, epochs=2,
-                        batch_size=64, lr=1e-4),
+    "test": RewardConfig(epochs=3, batch_size=16, lr=1e-3, log_every=5),
+    "cpu": RewardConfig(epochs=2, batch_size=32, lr=3e-4),
+    "gpu": RewardConfig(epochs=2, batch_size=64, lr=1e-4),
 }
 
 
@@ -71,13 +65,9 @@ def parse_args():
     parser = run_parser(__doc__, PRESETS)
     parser.add_argument("--epochs", type=positive_int, default=None, help="override the preset's epochs")
     parser.add_argument("--lr", type=positive_float, default=None, help="override the preset's peak learning rate")
-    parser.add_argument("--rater-temperature", dest="rater_temperature", type=float, default=None,
-                        help="rater noise (0 = noise-free)")
     args = parser.parse_args()
     device = resolve_run(args, parser)
-    if args.rater_temperature is not None and args.rater_temperature < 0:
-        parser.error("--rater-temperature must be >= 0")
-    return args, preset_config(PRESETS, args, ["epochs", "lr", "rater_temperature"]), device
+    return args, preset_config(PRESETS, args, ["epochs", "lr"]), device
 
 
 # ---- method -------------------------------------------------------------------------------------
@@ -137,16 +127,13 @@ def main():
     print(f"preset {args.preset} on {device}: {config}")
 
     # ---- data ----
-    def preferences(split, n_prompts):
-        return load_or_build_preferences(args.out, sft, sft_path, tokenizer, n_prompts=n_prompts, split=split,
-                                         seed=args.seed, rater_temperature=config.rater_temperature,
-                                         bad_mix=config.bad_mix, max_new_tokens=config.max_new_tokens)
-
-    train_pairs, eval_pairs = preferences("train", config.n_train_prompts), preferences("eval", config.n_eval_prompts)
-    data_stats = {"train": preference_stats(train_pairs), "eval": preference_stats(eval_pairs)}
+    train_pairs, eval_pairs = preference_data(args.out, args.preset, args.seed, sft, sft_path, tokenizer)
+    data_stats = {"train": preference_stats(train_pairs), "eval": preference_stats(eval_pairs),
+                  "settings": PREFERENCE_DATA[args.preset]}
     print(f"preference data: {data_stats['train']['pairs']} train pairs (label noise "
-          f"{data_stats['train']['label_noise']:.1%} at rater temperature {config.rater_temperature}), "
-          f"{data_stats['eval']['pairs']} held-out pairs (noise-free)")
+          f"{data_stats['train']['label_noise']:.1%} at rater temperature "
+          f"{PREFERENCE_DATA[args.preset]['rater_temperature']}), {data_stats['eval']['pairs']} held-out pairs "
+          f"(noise-free)")
 
     # ---- training ----
     reward_model = RewardModel(sft).to(device).train()

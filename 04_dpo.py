@@ -39,7 +39,7 @@ from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint
 from kernels import dpo_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
                     resolve_run, run_parser, stage_dir, write_json, write_samples)
-from rl import load_or_build_preferences, pair_log_probs, preference_stats, reference_log_probs
+from rl import PREFERENCE_DATA, pair_log_probs, preference_data, preference_stats, reference_log_probs
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -52,25 +52,19 @@ class DPOConfig:
     epochs: int
     batch_size: int
     lr: float
-    # the preference data: the same settings as 02 so both scripts share one cached dataset
-    n_train_prompts: int
-    n_eval_prompts: int
-    rater_temperature: float = 0.1
-    bad_mix: float = 0.3
-    max_new_tokens: int = 96
     warmup_steps: int = 10
     grad_clip: float = 1.0
     eval_samples: int = 4
+    eval_max_new_tokens: int = 96
     log_every: int = 10
 
 
+# The preference data is rl.PREFERENCE_DATA[preset], the same cached pairs 02_reward_model.py learns from.
 PRESETS = {
     "test": DPOConfig(beta=0.1, loss="sigmoid", label_smoothing=0.0, epochs=3, batch_size=16, lr=1e-3,
-                      n_train_prompts=96, n_eval_prompts=48, max_new_tokens=48, eval_samples=1, log_every=5),
-    "cpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=32, lr=2e-5,
-                     n_train_prompts=8000, n_eval_prompts=500),
-    "gpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=64, lr=2e-5,
-                     n_train_prompts=8000, n_eval_prompts=1500),
+                      eval_samples=1, eval_max_new_tokens=48, log_every=5),
+    "cpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=32, lr=2e-5),
+    "gpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=64, lr=2e-5),
 }
 
 
@@ -105,7 +99,7 @@ def dpo_batch(policy, pairs, ref_chosen, ref_rejected, config):
 
 @torch.no_grad()
 def held_out_stats(policy, pairs, ref_chosen, ref_rejected, config, batch_size=64):
-    """Implicit-reward accuracy and margin on pairs the policy never trained on."""
+    """Implicit-reward accuracy and mean margin over a set of pairs (held-out ones, while training)."""
     policy.eval()
     margins = []
     for start in range(0, len(pairs), batch_size):
@@ -129,13 +123,9 @@ def main():
     print(f"preset {args.preset} on {device}: {config}")
 
     # ---- data: the same cached pairs as 02; reference log-probs computed once ----
-    def preferences(split, n_prompts):
-        return load_or_build_preferences(args.out, reference, sft_path, tokenizer, n_prompts=n_prompts, split=split,
-                                         seed=args.seed, rater_temperature=config.rater_temperature,
-                                         bad_mix=config.bad_mix, max_new_tokens=config.max_new_tokens)
-
-    train_pairs, eval_pairs = preferences("train", config.n_train_prompts), preferences("eval", config.n_eval_prompts)
-    data_stats = {"train": preference_stats(train_pairs), "eval": preference_stats(eval_pairs)}
+    train_pairs, eval_pairs = preference_data(args.out, args.preset, args.seed, reference, sft_path, tokenizer)
+    data_stats = {"train": preference_stats(train_pairs), "eval": preference_stats(eval_pairs),
+                  "settings": PREFERENCE_DATA[args.preset]}
     print(f"{len(train_pairs)} train pairs (label noise {data_stats['train']['label_noise']:.1%}), "
           f"{len(eval_pairs)} held-out pairs")
     ref_train = reference_log_probs(reference, train_pairs)
@@ -164,7 +154,8 @@ def main():
                                         ref_train[1][batch], config)
             if step == 0 and config.loss == "sigmoid":
                 print(f"step-0 loss {loss.item():.6f} (ln 2 = {math.log(2):.6f}: the policy equals the reference)")
-                assert abs(loss.item() - math.log(2)) < 1e-3, "at step 0 the policy is the reference: the loss must be ln 2"
+                tolerance = 0.05 if device.type == "cuda" else 1e-3  # bf16 rounding differs between batchings
+                assert abs(loss.item() - math.log(2)) < tolerance, "at step 0 the policy is the reference: loss ln 2"
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
             optimizer.zero_grad(set_to_none=True)
@@ -190,9 +181,11 @@ def main():
                     meta={"stage": "dpo", "preset": args.preset, "config": asdict(config)})
     tasks = world.eval_suite(args.seed)
     metrics, texts = world.evaluate(policy, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
-                                    max_new_tokens=config.max_new_tokens, ref_model=reference, ref_texts=sft_texts)
+                                    max_new_tokens=config.eval_max_new_tokens, ref_model=reference,
+                                    ref_texts=sft_texts)
+    train_acc, train_margin = held_out_stats(policy, train_pairs, *ref_train, config)  # all pairs, after training
     metrics.update(held_out_reward_acc=curve["eval_acc"][-1], held_out_margin=curve["eval_margin"][-1],
-                   train_reward_acc=curve["reward_acc"][-1], step0_loss=curve["loss"][0], data=data_stats,
+                   train_reward_acc=train_acc, train_margin=train_margin, step0_loss=curve["loss"][0], data=data_stats,
                    train_seconds=train_seconds, preset=args.preset, device=str(device))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)

@@ -390,7 +390,7 @@ def response_log_probs(model, prompts, responses, *, temperature=1.0):
     hidden = model.hidden(idx.to(device))  # (B, S, d)
     where = where.to(device)
     response_hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
-    weight = model.lm_head.weight.to(hidden.dtype)  # under bf16 autocast the hidden states are bf16
+    weight = model.lm_head.weight.to(hidden.dtype)  # the kernel wants both operands in one dtype
     logp = linear_log_probs(response_hidden, weight, targets.to(device), temperature=temperature)
     return logp * mask.to(device), mask.to(device)
 

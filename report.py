@@ -7,7 +7,6 @@ Every stage writes under <out>/<stage>/, and all stages of one run share the sam
 import argparse
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -17,9 +16,7 @@ import torch
 
 STAGE_SCRIPTS = {"pretrain": "00_pretrain.py", "sft": "01_sft.py", "reward_model": "02_reward_model.py",
                  "ppo": "03_ppo.py", "dpo": "04_dpo.py", "grpo": "05_grpo.py", "rlvr": "06_rlvr.py", "cai": "07_cai.py"}
-METRIC_KEYS = ["gold_score", "math_acc", "math_acc_greedy", "facts_acc", "facts_acc_greedy", "idk_rate",
-               "pushback_rate", "harmful_refusal_rate", "benign_help_rate", "rude_rate", "mean_len", "ended_rate",
-               "kl_to_sft", "win_rate_vs_sft"]
+
 
 
 # ---- run options --------------------------------------------------------------------------------
@@ -62,7 +59,10 @@ def resolve_run(args, parser):
     """Fill in the defaults that depend on the machine and check the device. Returns torch.device."""
     cuda = torch.cuda.is_available()
     args.preset = args.preset or ("gpu" if cuda else "cpu")
-    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device (try cpu, cuda or cuda:1)")
     if device.type == "cuda" and not cuda:
         parser.error("--device cuda was asked for but CUDA is not available")
     torch.manual_seed(args.seed)
@@ -119,9 +119,13 @@ def write_json(path, data):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def read_json(path):
@@ -165,22 +169,6 @@ def draw_bars(ax, labels, series):
     ax.set_yticks([y + 0.4 - height / 2 for y in range(len(labels))])
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
-
-
-def metrics_table(rows):
-    """A markdown table of eval metrics: rows = {stage name: metrics dict}."""
-    keys = [k for k in METRIC_KEYS if any(k in m for m in rows.values())]
-    lines = ["| metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
-    for key in keys:
-        cells = [fmt(m.get(key)) for m in rows.values()]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def fmt(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
 
 
 def write_samples(path, title, prompts, columns):

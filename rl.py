@@ -5,6 +5,7 @@ The scripts hold the ideas (the losses and update loops); this module holds the 
 so no script imports another and no ten lines are written twice.
 """
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -27,6 +28,11 @@ def reply_ids(tokenizer, text):
     return tokenizer.encode(body) + ([tokenizer.eot_id] if ended else [])
 
 
+def oriented(pick_b, a, b):
+    """(chosen, rejected) from a pair (a, b) and the rater's pick."""
+    return (b, a) if pick_b else (a, b)
+
+
 def label_pairs(tasks, replies_a, replies_b, tokenizer, prompts, rng, rater_temperature, sources, max_tokens):
     """Turn two replies per task into (chosen, rejected) pairs with the rater's label.
 
@@ -41,9 +47,9 @@ def label_pairs(tasks, replies_a, replies_b, tokenizer, prompts, rng, rater_temp
         if a == b or gold_a == gold_b or too_long:
             continue
         pick_b = world.gold_prefer(task, a, b, rng, rater_temperature)
-        chosen, rejected = (b, a) if pick_b else (a, b)
-        (gold_c, gold_r), (src_c, src_r) = ((gold_b, gold_a), (source_b, source_a)) if pick_b else \
-            ((gold_a, gold_b), (source_a, source_b))
+        chosen, rejected = oriented(pick_b, a, b)
+        gold_c, gold_r = oriented(pick_b, gold_a, gold_b)
+        src_c, src_r = oriented(pick_b, source_a, source_b)
         pairs.append({"family": task.family, "kind": task.kind, "prompt": task.prompt, "prompt_ids": prompt,
                       "chosen": chosen, "rejected": rejected, "chosen_ids": reply_ids(tokenizer, chosen),
                       "rejected_ids": reply_ids(tokenizer, rejected), "gold_chosen": gold_c,
@@ -74,13 +80,35 @@ def build_preferences(model, tokenizer, *, n_prompts, split, seed, rater_tempera
                        rater_temperature if split == "train" else 0.0, sources, max_new_tokens)
 
 
+# The preference data of each preset, one table for 02 and 04 so both read the same cached pairs.
+PREFERENCE_DATA = {
+    "test": {"n_train_prompts": 96, "n_eval_prompts": 48, "rater_temperature": 0.1, "bad_mix": 0.3,
+             "max_new_tokens": 48},
+    "cpu": {"n_train_prompts": 8000, "n_eval_prompts": 500, "rater_temperature": 0.1, "bad_mix": 0.3,
+            "max_new_tokens": 96},
+    "gpu": {"n_train_prompts": 8000, "n_eval_prompts": 1500, "rater_temperature": 0.1, "bad_mix": 0.3,
+            "max_new_tokens": 96},
+}
+
+
+def preference_data(out, preset, seed, model, model_path, tokenizer):
+    """(train pairs, held-out pairs) for a preset: PREFERENCE_DATA's settings, cached under <out>."""
+    settings = dict(PREFERENCE_DATA[preset])
+    n_train, n_eval = settings.pop("n_train_prompts"), settings.pop("n_eval_prompts")
+    return tuple(load_or_build_preferences(out, model, model_path, tokenizer, n_prompts=n, split=split, seed=seed,
+                                           **settings)
+                 for split, n in (("train", n_train), ("eval", n_eval)))
+
+
 def load_or_build_preferences(out, model, model_path, tokenizer, *, n_prompts, split, seed, rater_temperature,
                               bad_mix, max_new_tokens):
     """The preference pairs of one split, cached under <out>/preferences/ and rebuilt when anything that
-    made them (the SFT checkpoint, the settings) has changed. 02 and 04 share the same pairs."""
+    made them (the SFT checkpoint, the settings, the world and its judge) has changed."""
     stat = os.stat(model_path)
-    signature = {"format": 2, "model": [stat.st_size, stat.st_mtime_ns], "n_prompts": n_prompts, "seed": seed,
-                 "rater_temperature": rater_temperature, "bad_mix": bad_mix, "max_new_tokens": max_new_tokens}
+    world_source = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()[:16]
+    signature = {"model": [stat.st_size, stat.st_mtime_ns], "world": world_source, "n_prompts": n_prompts,
+                 "seed": seed, "rater_temperature": rater_temperature if split == "train" else 0.0,
+                 "bad_mix": bad_mix, "max_new_tokens": max_new_tokens, "device": str(model.lm_head.weight.device)}
     path = Path(out) / "preferences" / f"{split}.json"
     if path.is_file():
         cached = read_json(path)
@@ -135,10 +163,13 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, prompts, replies, batch_size=64):
-        """Rewards without gradients, in batches. -> (B,) on the CPU"""
+        """Rewards without gradients, in batches, in eval mode (the previous mode is restored). -> (B,) on the CPU"""
+        was_training = self.training
         self.eval()
-        return torch.cat([self(prompts[i:i + batch_size], replies[i:i + batch_size]).float().cpu()
-                          for i in range(0, len(prompts), batch_size)])
+        rewards = torch.cat([self(prompts[i:i + batch_size], replies[i:i + batch_size]).float().cpu()
+                             for i in range(0, len(prompts), batch_size)])
+        self.train(was_training)
+        return rewards
 
 
 def save_reward_model(path, reward_model, tokenizer, meta):
@@ -181,11 +212,16 @@ def pair_log_probs(model, pairs):
 
 @torch.no_grad()
 def reference_log_probs(model, pairs, batch_size=64):
-    """pair_log_probs of a frozen model over all pairs, once, in batches. -> (N,), (N,) on the CPU"""
+    """pair_log_probs of a frozen model over all pairs, once, in batches. -> (N,), (N,) on the CPU
+
+    On CUDA it runs under the same bf16 autocast as the policy's forward pass, so that at step 0 policy
+    and reference log-probs agree up to rounding.
+    """
     model.eval()
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
-        c, r = pair_log_probs(model, pairs[start:start + batch_size])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.lm_head.weight.is_cuda):
+            c, r = pair_log_probs(model, pairs[start:start + batch_size])
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
     return torch.cat(chosen), torch.cat(rejected)

@@ -615,7 +615,7 @@ def how_to_page(rng, activity, steps):
 def worksheet(rng, n_problems=3):
     lines = []
     for _ in range(n_problems):
-        task = math_task(rng)
+        task = make_task("math", "arithmetic", rng, "train")  # eval problems never appear on the toy internet
         reply = task.ideal if rng.random() < 0.65 else task.bad["wrong"]
         lines.append(f"Problem: {task.prompt} Solution: {reply}")
     return " ".join(lines)
@@ -816,8 +816,8 @@ def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tok
     if ref_texts is not None:
         if len(ref_texts) != len(texts):
             raise ValueError("ref_texts must come from the same eval suite, samples and seed")
-        wins = [0.5 if gold_score(t, a) == gold_score(t, b) else float(gold_score(t, a) > gold_score(t, b))
-                for t, a, b in zip(sampled_tasks, texts, ref_texts)]
+        scores = [(gold_score(t, a), gold_score(t, b)) for t, a, b in zip(sampled_tasks, texts, ref_texts)]
+        wins = [0.5 if mine == theirs else float(mine > theirs) for mine, theirs in scores]
         metrics["win_rate_vs_sft"] = _rate(wins)
     return metrics, texts
 

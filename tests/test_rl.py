@@ -49,9 +49,9 @@ def test_preference_builder_is_deterministic_by_seed_and_keeps_splits_disjoint(t
 
 def test_noisy_rater_flips_some_labels_and_noise_free_rater_none(tokenizer):
     model = tiny_gpt(tokenizer)
-    noisy = build_preferences(model, tokenizer, n_prompts=200, split="train", seed=0, rater_temperature=0.5,
+    noisy = build_preferences(model, tokenizer, n_prompts=300, split="train", seed=0, rater_temperature=0.2,
                               bad_mix=1.0, max_new_tokens=64)
-    clean = build_preferences(model, tokenizer, n_prompts=200, split="train", seed=0, rater_temperature=0.0,
+    clean = build_preferences(model, tokenizer, n_prompts=300, split="train", seed=0, rater_temperature=0.0,
                               bad_mix=1.0, max_new_tokens=64)
     assert 0 < sum(p["flipped"] for p in noisy) < len(noisy) / 2
     assert not any(p["flipped"] for p in clean)
