@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import GPT, GPTConfig, configure_optimizer, cosine_lr, lm_loss, save_checkpoint
+from gpt import GPT, GPTConfig, configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr
 from report import (Progress, plot_curves, positive_float, positive_int, preset_config, resolve_run, run_parser,
                     stage_dir, write_json, write_samples)
 from tokenizer import Tokenizer
@@ -153,8 +153,7 @@ def main():
     window_start, window_tokens = time.time(), 0
     for step in range(config.max_steps):
         lr = cosine_lr(step, config.max_steps, config.lr, config.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         x, y = random_windows(train_stream, config.batch_size, config.block_size, generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
             loss = next_token_loss(hidden_fn, model, x.to(device), y.to(device))

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, cosine_lr, lm_loss, save_checkpoint
+from gpt import configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr, shuffled_minibatches
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_samples)
 
@@ -139,30 +139,25 @@ def main():
     rng = random.Random(args.seed)
     curve = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
     progress = Progress(max_steps, config.log_every)
-    step = 0
-    for epoch in range(config.epochs):
-        rng.shuffle(train)
-        for start in range(0, len(train), config.batch_size):
-            lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = pad_batch(train[start:start + config.batch_size], device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                loss = assistant_loss(model, x, y)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            curve["step"].append(step)
-            curve["train_loss"].append(loss.item())
-            if progress.due(step):
-                val = held_out_loss(model, val_batches, on_cuda)
-                curve["val_step"].append(step)
-                curve["val_loss"].append(val)
-                progress.line(step, epoch=epoch + 1, loss=loss.item(), held_out=val, lr=lr)
-            step += 1
+    for step, (epoch, batch) in enumerate(shuffled_minibatches(train, config.batch_size, config.epochs, rng)):
+        lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
+        set_lr(optimizer, lr)
+        x, y = pad_batch(batch, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            loss = assistant_loss(model, x, y)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        curve["step"].append(step)
+        curve["train_loss"].append(loss.item())
+        if progress.due(step):
+            val = held_out_loss(model, val_batches, on_cuda)
+            curve["val_step"].append(step)
+            curve["val_loss"].append(val)
+            progress.line(step, epoch=epoch + 1, loss=loss.item(), held_out=val, lr=lr)
     train_seconds = time.time() - progress.start
 
     # ---- evaluation and outputs ----

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gpt import configure_optimizer, cosine_lr
+from gpt import configure_optimizer, cosine_lr, set_lr, shuffled_minibatches
 from kernels import bradley_terry_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, resolve_run,
                     run_parser, stage_dir, write_json, write_samples)
@@ -143,32 +143,27 @@ def main():
     max_steps = config.epochs * steps_per_epoch
     curve = {"step": [], "loss": [], "accuracy": [], "eval_step": [], "eval_accuracy": []}
     progress = Progress(max_steps, config.log_every)
-    step = 0
-    for epoch in range(config.epochs):
-        rng.shuffle(train_pairs)
-        for start in range(0, len(train_pairs), config.batch_size):
-            lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                r_chosen, r_rejected = pair_rewards(reward_model, train_pairs[start:start + config.batch_size])
-            loss, accuracy = bradley_terry_loss(r_chosen.float(), r_rejected.float())
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(reward_model.parameters(), config.grad_clip)
-            optimizer.step()
-            curve["step"].append(step)
-            curve["loss"].append(loss.item())
-            curve["accuracy"].append(accuracy.item())
-            if progress.due(step):
-                held_out, _, _ = held_out_accuracy(reward_model, eval_pairs)
-                curve["eval_step"].append(step)
-                curve["eval_accuracy"].append(held_out)
-                progress.line(step, epoch=epoch + 1, loss=loss.item(), train_acc=accuracy.item(),
-                              held_out_acc=held_out, lr=lr)
-            step += 1
+    for step, (epoch, batch) in enumerate(shuffled_minibatches(train_pairs, config.batch_size, config.epochs, rng)):
+        lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
+        set_lr(optimizer, lr)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            r_chosen, r_rejected = pair_rewards(reward_model, batch)
+        loss, accuracy = bradley_terry_loss(r_chosen.float(), r_rejected.float())
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reward_model.parameters(), config.grad_clip)
+        optimizer.step()
+        curve["step"].append(step)
+        curve["loss"].append(loss.item())
+        curve["accuracy"].append(accuracy.item())
+        if progress.due(step):
+            held_out, _, _ = held_out_accuracy(reward_model, eval_pairs)
+            curve["eval_step"].append(step)
+            curve["eval_accuracy"].append(held_out)
+            progress.line(step, epoch=epoch + 1, loss=loss.item(), train_acc=accuracy.item(),
+                          held_out_acc=held_out, lr=lr)
     train_seconds = time.time() - progress.start
 
     # ---- evaluation: accuracy, normalisation, correlations, calibration ----

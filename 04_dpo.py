@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint
+from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, shuffled_minibatches
 from kernels import dpo_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
                     resolve_run, run_parser, stage_dir, write_json, write_samples)
@@ -141,39 +141,33 @@ def main():
     curve = {k: [] for k in ("step", "loss", "reward_acc", "margin", "logp_chosen", "logp_rejected",
                              "eval_step", "eval_acc", "eval_margin")}
     progress = Progress(max_steps, config.log_every)
-    step = 0
-    for epoch in range(config.epochs):
-        rng.shuffle(order)
-        for start in range(0, len(order), config.batch_size):
-            lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = order[start:start + config.batch_size]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, stats = dpo_batch(policy, [train_pairs[i] for i in batch], ref_train[0][batch],
-                                        ref_train[1][batch], config)
-            if step == 0 and config.loss == "sigmoid":
-                print(f"step-0 loss {loss.item():.6f} (ln 2 = {math.log(2):.6f}: the policy equals the reference)")
-                tolerance = 0.05 if device.type == "cuda" else 1e-3  # bf16 rounding differs between batchings
-                assert abs(loss.item() - math.log(2)) < tolerance, "at step 0 the policy is the reference: loss ln 2"
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-            optimizer.step()
-            curve["step"].append(step)
-            curve["loss"].append(loss.item())
-            for key, value in stats.items():
-                curve[key].append(value)
-            if progress.due(step):
-                eval_acc, eval_margin = held_out_stats(policy, eval_pairs, *ref_eval, config)
-                curve["eval_step"].append(step)
-                curve["eval_acc"].append(eval_acc)
-                curve["eval_margin"].append(eval_margin)
-                progress.line(step, epoch=epoch + 1, loss=loss.item(), acc=stats["reward_acc"],
-                              margin=stats["margin"], held_out_acc=eval_acc, held_out_margin=eval_margin, lr=lr)
-            step += 1
+    for step, (epoch, batch) in enumerate(shuffled_minibatches(order, config.batch_size, config.epochs, rng)):
+        lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
+        set_lr(optimizer, lr)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, stats = dpo_batch(policy, [train_pairs[i] for i in batch], ref_train[0][batch],
+                                    ref_train[1][batch], config)
+        if step == 0 and config.loss == "sigmoid":
+            print(f"step-0 loss {loss.item():.6f} (ln 2 = {math.log(2):.6f}: the policy equals the reference)")
+            tolerance = 0.05 if device.type == "cuda" else 1e-3  # bf16 rounding differs between batchings
+            assert abs(loss.item() - math.log(2)) < tolerance, "at step 0 the policy is the reference: loss ln 2"
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+        optimizer.step()
+        curve["step"].append(step)
+        curve["loss"].append(loss.item())
+        for key, value in stats.items():
+            curve[key].append(value)
+        if progress.due(step):
+            eval_acc, eval_margin = held_out_stats(policy, eval_pairs, *ref_eval, config)
+            curve["eval_step"].append(step)
+            curve["eval_acc"].append(eval_acc)
+            curve["eval_margin"].append(eval_margin)
+            progress.line(step, epoch=epoch + 1, loss=loss.item(), acc=stats["reward_acc"],
+                          margin=stats["margin"], held_out_acc=eval_acc, held_out_margin=eval_margin, lr=lr)
     train_seconds = time.time() - progress.start
 
     # ---- evaluation and outputs ----

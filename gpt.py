@@ -342,6 +342,19 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def shuffled_minibatches(items, batch_size, epochs, rng):
+    """Yield (epoch, minibatch) over `epochs` passes of items, reshuffled (in place, by rng) every pass."""
+    for epoch in range(epochs):
+        rng.shuffle(items)
+        for start in range(0, len(items), batch_size):
+            yield epoch, items[start:start + batch_size]
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def cosine_lr(step, max_steps, peak_lr, warmup_steps, final_fraction=0.1):
     """Linear warmup to peak_lr, then cosine decay to final_fraction * peak_lr at max_steps."""
     if step < warmup_steps:

@@ -404,7 +404,7 @@ def request_task(rng, activity, kind, split):
     if kind == "benign":
         steps = BENIGN[activity]
         ideal = f"Sure! Here is how to {activity}: {numbered(steps)}"
-        bad = {"over_refuse": f"I can't help with that, sorry.",
+        bad = {"over_refuse": "I can't help with that, sorry.",
                "unhelpful": "You should look it up somewhere.",
                "rude": _rude(rng, ideal), "ramble": _ramble(rng, ideal)}
         return Task("requests", kind, prompt, activity, ideal, bad, {"steps": steps})

@@ -30,7 +30,6 @@ short chunk is padded up to the chunk size so a compiled chunk function only eve
 """
 
 import torch
-import torch.nn.functional as F
 
 from .compile import maybe_compiled
 
