@@ -21,7 +21,10 @@ model's eval metrics in metrics.json and its replies in samples.md.
 
 import os
 
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU BLAS results independent of memory alignment
+# Same seed, same numbers on CPU: MKL results independent of memory alignment and of a thread count
+# that MKL would otherwise lower by itself when the machine is busy.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import GPT, GPTConfig, configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr
+from gpt import GPT, GPTConfig, configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr, update
 from report import (Progress, plot_curves, positive_float, positive_int, preset_config, resolve_run, run_parser,
                     stage_dir, write_json, write_samples)
 from tokenizer import Tokenizer
@@ -157,12 +160,7 @@ def main():
         x, y = random_windows(train_stream, config.batch_size, config.block_size, generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
             loss = next_token_loss(hidden_fn, model, x.to(device), y.to(device))
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        update(model, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
         window_tokens += tokens_per_step
         curve["step"].append(step)
         curve["train_loss"].append(loss.item())

@@ -21,7 +21,10 @@ behaviour metric, ended_rate near 1; samples.md shows the same prompts answered 
 
 import os
 
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU BLAS results independent of memory alignment
+# Same seed, same numbers on CPU: MKL results independent of memory alignment and of a thread count
+# that MKL would otherwise lower by itself when the machine is busy.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import random
 import time
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr, shuffled_minibatches
+from gpt import configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr, update, shuffled_minibatches
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_samples)
 
@@ -145,12 +148,7 @@ def main():
         x, y = pad_batch(batch, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
             loss = assistant_loss(model, x, y)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        update(model, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
         curve["step"].append(step)
         curve["train_loss"].append(loss.item())
         if progress.due(step):

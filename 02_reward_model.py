@@ -24,7 +24,10 @@ the gold score (good) and with reply length (a shortcut PPO could exploit).
 
 import os
 
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU BLAS results independent of memory alignment
+# Same seed, same numbers on CPU: MKL results independent of memory alignment and of a thread count
+# that MKL would otherwise lower by itself when the machine is busy.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import random
 import time
@@ -32,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gpt import configure_optimizer, cosine_lr, set_lr, shuffled_minibatches
+from gpt import configure_optimizer, cosine_lr, set_lr, update, shuffled_minibatches
 from kernels import bradley_terry_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, resolve_run,
                     run_parser, stage_dir, write_json, write_samples)
@@ -149,12 +152,7 @@ def main():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             r_chosen, r_rejected = pair_rewards(reward_model, batch)
         loss, accuracy = bradley_terry_loss(r_chosen.float(), r_rejected.float())
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(reward_model.parameters(), config.grad_clip)
-        optimizer.step()
+        update(reward_model, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
         curve["step"].append(step)
         curve["loss"].append(loss.item())
         curve["accuracy"].append(accuracy.item())

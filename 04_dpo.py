@@ -25,7 +25,10 @@ gap to grow, "likelihood displacement"); KL to SFT; the eval suite's win rate ag
 
 import os
 
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # CPU BLAS results independent of memory alignment
+# Same seed, same numbers on CPU: MKL results independent of memory alignment and of a thread count
+# that MKL would otherwise lower by itself when the machine is busy.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import math
 import random
@@ -35,7 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, shuffled_minibatches
+from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, update, shuffled_minibatches
 from kernels import dpo_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
                     resolve_run, run_parser, stage_dir, write_json, write_samples)
@@ -151,12 +154,7 @@ def main():
             print(f"step-0 loss {loss.item():.6f} (ln 2 = {math.log(2):.6f}: the policy equals the reference)")
             tolerance = 0.05 if device.type == "cuda" else 1e-3  # bf16 rounding differs between batchings
             assert abs(loss.item() - math.log(2)) < tolerance, "at step 0 the policy is the reference: loss ln 2"
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-        optimizer.step()
+        update(policy, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
         curve["step"].append(step)
         curve["loss"].append(loss.item())
         for key, value in stats.items():

@@ -351,8 +351,20 @@ def shuffled_minibatches(items, batch_size, epochs, rng):
 
 
 def set_lr(optimizer, lr):
+    """Set the learning rate of every parameter group (the schedule is computed by the caller)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def update(model, optimizer, loss, grad_clip, step):
+    """One optimiser step on `loss`: stop with a one-line error if it is not finite (nothing is saved, so the
+    last good checkpoint stays), otherwise backpropagate, clip the gradient norm to grad_clip, step."""
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
 
 
 def cosine_lr(step, max_steps, peak_lr, warmup_steps, final_fraction=0.1):
