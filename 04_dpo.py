@@ -39,10 +39,10 @@ import torch
 
 import world
 from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, update, shuffled_minibatches
-from kernels import dpo_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
                     resolve_run, run_parser, stage_dir, write_json, write_samples)
-from rl import PREFERENCE_DATA, pair_log_probs, preference_data, preference_stats, reference_log_probs
+from rl import (PREFERENCE_DATA, dpo_batch, implicit_reward_stats, preference_data, preference_stats,
+                reference_log_probs)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -86,34 +86,6 @@ def parse_args():
     return args, preset_config(PRESETS, args, ["beta", "loss", "label_smoothing", "epochs", "lr"]), device
 
 
-# ---- method -------------------------------------------------------------------------------------
-
-def dpo_batch(policy, pairs, ref_chosen, ref_rejected, config):
-    """The DPO loss of a batch of pairs and what to log about it."""
-    pi_chosen, pi_rejected = pair_log_probs(policy, pairs)  # (B,), (B,) summed over reply tokens
-    loss, chosen_rewards, rejected_rewards = dpo_loss(
-        pi_chosen, pi_rejected, ref_chosen.to(pi_chosen.device), ref_rejected.to(pi_chosen.device),
-        beta=config.beta, loss_type=config.loss, label_smoothing=config.label_smoothing)
-    stats = {"reward_acc": (chosen_rewards > rejected_rewards).float().mean().item(),
-             "margin": (chosen_rewards - rejected_rewards).mean().item(),
-             "logp_chosen": pi_chosen.mean().item(), "logp_rejected": pi_rejected.mean().item()}
-    return loss, stats
-
-
-@torch.no_grad()
-def held_out_stats(policy, pairs, ref_chosen, ref_rejected, config, batch_size=64):
-    """Implicit-reward accuracy and mean margin over a set of pairs (held-out ones, while training)."""
-    policy.eval()
-    margins = []
-    for start in range(0, len(pairs), batch_size):
-        c, r = pair_log_probs(policy, pairs[start:start + batch_size])
-        margins.append(config.beta * ((c.float().cpu() - ref_chosen[start:start + batch_size])
-                                      - (r.float().cpu() - ref_rejected[start:start + batch_size])))
-    policy.train()
-    margins = torch.cat(margins)
-    return (margins > 0).float().mean().item(), margins.mean().item()
-
-
 def main():
     args, config, device = parse_args()
     out = stage_dir(args.out, "dpo")
@@ -149,7 +121,8 @@ def main():
         set_lr(optimizer, lr)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, stats = dpo_batch(policy, [train_pairs[i] for i in batch], ref_train[0][batch],
-                                    ref_train[1][batch], config)
+                                    ref_train[1][batch], beta=config.beta, loss_type=config.loss,
+                                    label_smoothing=config.label_smoothing)
         if step == 0 and config.loss == "sigmoid":
             print(f"step-0 loss {loss.item():.6f} (ln 2 = {math.log(2):.6f}: the policy equals the reference)")
             tolerance = 0.05 if device.type == "cuda" else 1e-3  # bf16 rounding differs between batchings
@@ -160,7 +133,7 @@ def main():
         for key, value in stats.items():
             curve[key].append(value)
         if progress.due(step):
-            eval_acc, eval_margin = held_out_stats(policy, eval_pairs, *ref_eval, config)
+            eval_acc, eval_margin = implicit_reward_stats(policy, eval_pairs, *ref_eval, config.beta)
             curve["eval_step"].append(step)
             curve["eval_acc"].append(eval_acc)
             curve["eval_margin"].append(eval_margin)
@@ -175,7 +148,7 @@ def main():
     metrics, texts = world.evaluate(policy, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens, ref_model=reference,
                                     ref_texts=sft_texts)
-    train_acc, train_margin = held_out_stats(policy, train_pairs, *ref_train, config)  # all pairs, after training
+    train_acc, train_margin = implicit_reward_stats(policy, train_pairs, *ref_train, config.beta)  # all pairs, after training
     metrics.update(held_out_reward_acc=curve["eval_acc"][-1], held_out_margin=curve["eval_margin"][-1],
                    train_reward_acc=train_acc, train_margin=train_margin, step0_loss=curve["loss"][0], data=data_stats,
                    train_seconds=train_seconds, preset=args.preset, device=str(device))

@@ -394,11 +394,12 @@ def pack_sequences(prompts, responses, block_size):
     return idx, torch.tensor([len(p) for p in prompts])
 
 
-def response_log_probs(model, prompts, responses, *, temperature=1.0):
+def response_log_probs(model, prompts, responses, *, temperature=1.0, return_entropy=False):
     """Per-token log-probs of each response given its prompt: log pi(response_j | prompt, response_<j).
 
     prompts, responses: lists of token-id lists (see pack_sequences for padding and cutting).
-    Returns logp (B, R) and mask (B, R), R = longest response, mask 1 on real response tokens.
+    Returns logp (B, R) and mask (B, R), R = longest response, mask 1 on real response tokens
+    [and the entropy (B, R) of pi at each response position when return_entropy].
     Differentiable unless called under torch.no_grad; the logits are never materialised
     (kernels.linear_log_probs walks the tokens in chunks).
     """
@@ -416,8 +417,13 @@ def response_log_probs(model, prompts, responses, *, temperature=1.0):
     where = where.to(device)
     response_hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
     weight = model.lm_head.weight.to(hidden.dtype)  # the kernel wants both operands in one dtype
+    mask = mask.to(device)
+    if return_entropy:
+        logp, entropy = linear_log_probs(response_hidden, weight, targets.to(device), temperature=temperature,
+                                         return_entropy=True)
+        return logp * mask, mask, entropy * mask
     logp = linear_log_probs(response_hidden, weight, targets.to(device), temperature=temperature)
-    return logp * mask.to(device), mask.to(device)
+    return logp * mask, mask
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

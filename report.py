@@ -7,6 +7,7 @@ Every stage writes under <out>/<stage>/, and all stages of one run share the sam
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -133,16 +134,20 @@ def read_json(path):
         return json.load(f)
 
 
-def plot_curves(path, panels, title):
+def plot_curves(path, panels, title, columns=4):
     """One figure with a panel per entry of panels: {panel title: {"x": label, "y": label, and any of
     "lines": {legend: (xs, ys)}, "points": {legend: (xs, ys)} (a scatter), or "labels": [...] with
-    "bars": {legend: [value per label]}}}. Saved as PNG."""
+    "bars": {legend: [value per label]}}}, at most `columns` panels per row. Saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (panel_title, panel) in zip(axes[0], panels.items()):
+    cols = min(columns, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (panel_title, panel) in zip(axes.flat, panels.items()):
         if "bars" in panel:
             draw_bars(ax, panel["labels"], panel["bars"])
         for legend, (xs, ys) in panel.get("lines", {}).items():
@@ -179,3 +184,89 @@ def write_samples(path, title, prompts, columns):
         for name, replies in columns.items():
             lines += [f"**{name}:** {replies[i]}", ""]
     Path(path).write_text("\n".join(lines))
+
+
+# ---- the report card: every stage side by side --------------------------------------------------
+
+REPORT_ROWS = [("pretrain", "base"), ("sft", "SFT"), ("reward_model", "RM"), ("ppo", "PPO"), ("dpo", "DPO"),
+               ("grpo", "GRPO"), ("rlvr", "RLVR"), ("cai", "CAI")]
+REPORT_COLUMNS = ["gold_score", "win_rate_vs_sft", "kl_to_sft", "math_acc", "math_acc_greedy", "facts_acc",
+                  "idk_rate", "pushback_rate", "harmful_refusal_rate", "benign_help_rate", "rude_rate", "ended_rate",
+                  "mean_len"]
+
+
+def hardware():
+    """One line naming the machine the numbers came from."""
+    import platform
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def build_report(out):
+    """<out>/report.md (the eval-suite metrics of every stage that has run, wall times, hardware) and
+    <out>/report.png (gold score and win rate against KL to SFT, one point per method)."""
+    out = Path(out)
+    timings = read_json(out / "timings.json") if (out / "timings.json").is_file() else {}
+    rows = {}
+    for stage, name in REPORT_ROWS:
+        if (out / stage / "metrics.json").is_file():
+            rows[name] = (stage, read_json(out / stage / "metrics.json"))
+    if not rows:
+        raise SystemExit(f"error: no stage outputs under {out}: run `python run_all.py` first")
+    preset = next(iter(rows.values()))[1].get("preset", "?")
+    lines = [f"# Report card ({preset} preset, {out})", "", f"Hardware: {hardware()}.", "",
+             "Eval suite (132 fixed tasks, 4 samples each at temperature 1; greedy for *_greedy). "
+             "win rate and KL are against the SFT model. RM: held-out pairwise accuracy of the reward model.", "",
+             "| stage | " + " | ".join(REPORT_COLUMNS) + " | wall time |",
+             "|---|" + "---|" * (len(REPORT_COLUMNS) + 1)]
+    for name, (stage, metrics) in rows.items():
+        seconds = timings.get(stage, {}).get("seconds")
+        wall = f"{seconds:.0f} s" if seconds is not None else "-"
+        if stage == "reward_model":
+            cells = [f"held-out accuracy {metrics['held_out_accuracy']:.3f}"] + [""] * (len(REPORT_COLUMNS) - 1)
+        else:
+            cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), (int, float)) else "-" for c in REPORT_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall} |")
+    total = sum(t["seconds"] for t in timings.values())
+    lines += ["", f"Total wall time of the stages timed by run_all.py: {total:.0f} s ({total / 60:.1f} min).", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+    methods = {name: m for name, (stage, m) in rows.items() if "kl_to_sft" in m}
+    if methods:
+        kl = {name: max(m["kl_to_sft"], 0.0) for name, m in methods.items()}
+        plot_methods(out / "report.png", methods, kl, rows.get("SFT", (None, {}))[1], preset)
+    print(f"wrote {out}/report.md" + (" and report.png" if methods else ""))
+
+
+def plot_methods(path, methods, kl, sft_metrics, preset):
+    """Two panels: gold score vs KL to SFT, and win rate vs SFT vs KL to SFT, one labelled point per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, reference in ((axes[0], "gold_score", sft_metrics.get("gold_score")),
+                               (axes[1], "win_rate_vs_sft", 0.5)):
+        for name, metrics in methods.items():
+            ax.scatter(kl[name], metrics[key], s=40)
+            ax.annotate(name, (kl[name], metrics[key]), textcoords="offset points", xytext=(5, 4))
+        if reference is not None:
+            ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="SFT")
+            ax.scatter([0.0], [reference], color="gray", s=40)
+            ax.legend()
+        ax.set_xlabel("KL to the SFT model (nats per reply)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].set_title("gold score against distance from SFT")
+    axes[1].set_title("win rate against SFT (gold judge)")
+    fig.suptitle(f"Every method on the eval suite ({preset} preset)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Build <out>/report.md and report.png from the stages that have run.")
+    parser.add_argument("--out", default="out")
+    build_report(parser.parse_args().out)

@@ -1,5 +1,6 @@
-"""Mechanics shared by the post-training scripts (02-07): preference data, the reward model, and
-sequence log-probs for DPO-style losses.
+"""Mechanics shared by the post-training scripts (02-07): preference data, the reward model, sequence
+log-probs and the DPO step, rollouts, the clipped policy-gradient update, verifiable rewards and
+group sampling.
 
 The scripts hold the ideas (the losses and update loops); this module holds the plumbing they share,
 so no script imports another and no ten lines are written twice.
@@ -8,13 +9,15 @@ so no script imports another and no ten lines are written twice.
 import hashlib
 import os
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import world
-from gpt import load_checkpoint, pack_sequences, response_log_probs, save_checkpoint
+from gpt import load_checkpoint, pack_sequences, response_log_probs, save_checkpoint, shuffled_minibatches, update
 from report import read_json, write_json
 
 # ---------------------------------------------------------------------------------------------
@@ -61,8 +64,8 @@ def label_pairs(tasks, replies_a, replies_b, tokenizer, prompts, rng, rater_temp
 def build_preferences(model, tokenizer, *, n_prompts, split, seed, rater_temperature, bad_mix, max_new_tokens):
     """Sample two replies per prompt from `model` (temperature 1) and label each pair.
 
-    With probability bad_mix the second reply is replaced by one of the world's typical bad replies, so
-    rare failures (rudeness, compliance, rambling) are covered. Train-split pairs get the noisy rater;
+    With probability bad_mix the second reply is replaced by one of the world's typical bad replies
+    (world.preference_negatives), so rare failures (rudeness, compliance, rambling, over-refusal) are covered. Train-split pairs get the noisy rater;
     eval-split pairs are labelled noise-free (they measure the reward model against the truth).
     """
     rng = random.Random(f"preferences/{split}/{seed}")
@@ -72,7 +75,7 @@ def build_preferences(model, tokenizer, *, n_prompts, split, seed, rater_tempera
     replies_a, replies_b, sources = texts[0::2], list(texts[1::2]), []
     for i, task in enumerate(tasks):
         if rng.random() < bad_mix:
-            replies_b[i] = rng.choice(list(task.bad.values())) + world.END
+            replies_b[i] = rng.choice(world.preference_negatives(task)) + world.END
             sources.append(("model", "bad"))
         else:
             sources.append(("model", "model"))
@@ -161,6 +164,19 @@ class RewardModel(nn.Module):
         h_last = hidden[torch.arange(len(replies), device=device), last.to(device)]  # (B, d)
         return self.head(h_last).squeeze(-1) - self.offset
 
+    def token_values(self, prompts, replies):
+        """The head read at every reply position instead: values (B, R), values[:, j] = V(prompt, reply_<j),
+        from the hidden state just before reply token j. PPO's value model is a RewardModel used this way."""
+        device = self.head.weight.device
+        idx, prompt_lens = pack_sequences(prompts, replies, self.gpt.config.block_size)
+        lengths = torch.tensor([len(r) for r in replies])
+        steps = torch.arange(int(lengths.max()))
+        mask = (steps[None, :] < lengths[:, None])  # (B, R)
+        where = ((prompt_lens[:, None] + steps[None, :] - 1) * mask).to(device)  # (B, R) positions, 0 on padding
+        hidden = self.gpt.hidden(idx.to(device))  # (B, S, d)
+        h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
+        return (self.head(h).squeeze(-1) - self.offset) * mask.to(device)
+
     @torch.no_grad()
     def score(self, prompts, replies, batch_size=64):
         """Rewards without gradients, in batches, in eval mode (the previous mode is restored). -> (B,) on the CPU"""
@@ -177,6 +193,17 @@ def save_reward_model(path, reward_model, tokenizer, meta):
     head = {"weight": reward_model.head.weight.detach().cpu(), "bias": reward_model.head.bias.detach().cpu(),
             "offset": reward_model.offset.detach().cpu()}
     save_checkpoint(path, reward_model.gpt, tokenizer=tokenizer, meta={**meta, "reward_head": head})
+
+
+def load_reward_stage(out, device):
+    """02's reward model from <out>/reward_model/model.pt, or exit with one line saying what to run."""
+    path = Path(out) / "reward_model" / "model.pt"
+    try:
+        return load_reward_model(path, device)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path} not found: run `python 02_reward_model.py` first (with the same --out)")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}: run `python 02_reward_model.py` again")
 
 
 def load_reward_model(path, device):
@@ -225,3 +252,265 @@ def reference_log_probs(model, pairs, batch_size=64):
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
     return torch.cat(chosen), torch.cat(rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The DPO step (04 and 07's RL-CAI phase)
+# ---------------------------------------------------------------------------------------------
+
+
+def dpo_batch(policy, pairs, ref_chosen, ref_rejected, *, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """The DPO loss of a batch of pairs and what to log about it (implicit-reward accuracy and margin,
+    the summed log-probs of the chosen and rejected replies)."""
+    from kernels import dpo_loss
+
+    pi_chosen, pi_rejected = pair_log_probs(policy, pairs)  # (B,), (B,) summed over reply tokens
+    loss, chosen_rewards, rejected_rewards = dpo_loss(
+        pi_chosen, pi_rejected, ref_chosen.to(pi_chosen.device), ref_rejected.to(pi_chosen.device),
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    stats = {"reward_acc": (chosen_rewards > rejected_rewards).float().mean().item(),
+             "margin": (chosen_rewards - rejected_rewards).mean().item(),
+             "logp_chosen": pi_chosen.mean().item(), "logp_rejected": pi_rejected.mean().item()}
+    return loss, stats
+
+
+@torch.no_grad()
+def implicit_reward_stats(policy, pairs, ref_chosen, ref_rejected, beta, batch_size=64):
+    """Implicit-reward accuracy and mean margin beta * (log-ratio chosen - log-ratio rejected) over pairs."""
+    was_training = policy.training
+    policy.eval()
+    margins = []
+    for start in range(0, len(pairs), batch_size):
+        c, r = pair_log_probs(policy, pairs[start:start + batch_size])
+        margins.append(beta * ((c.float().cpu() - ref_chosen[start:start + batch_size])
+                               - (r.float().cpu() - ref_rejected[start:start + batch_size])))
+    policy.train(was_training)
+    margins = torch.cat(margins)
+    return (margins > 0).float().mean().item(), margins.mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts: sample replies, score their tokens (03, 05, 06)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Replies sampled from the policy, one row per reply. Replies to one task are contiguous (a group)."""
+    tasks: list  # the world task of each row
+    prompts: list  # prompt token ids
+    responses: list  # reply token ids, ending with the end-of-turn token when the reply ended
+    texts: list  # decoded replies, with world.END appended when the reply ended
+
+    def __len__(self):
+        return len(self.responses)
+
+    def ended(self):
+        return torch.tensor([text.endswith(world.END) for text in self.texts])
+
+
+def sample_rollout(policy, tokenizer, tasks, *, samples=1, temperature=1.0, max_new_tokens=96, seed=0):
+    """`samples` replies per task from the policy (KV-cache generation, stops at the end-of-turn token)."""
+    prompts, outputs, texts = world.generate_responses(policy, tokenizer, tasks, samples=samples,
+                                                       temperature=temperature, max_new_tokens=max_new_tokens,
+                                                       seed=seed)
+    return Rollout([t for t in tasks for _ in range(samples)], prompts, outputs, texts)
+
+
+@torch.no_grad()
+def rollout_log_probs(model, rollout, *, temperature=1.0, batch_size=64):
+    """Per-token log-probs (N, R) of every reply under a frozen snapshot of `model`, and the mask (N, R).
+
+    Computed in eval mode without gradients: these are the "old" log-probs of PPO's ratio (under the
+    policy that sampled the rollout) or the reference's. The temperature must be the sampling one.
+    """
+    was_training = model.training
+    model.eval()
+    width = max(len(r) for r in rollout.responses)
+    device = model.lm_head.weight.device
+    logp = torch.zeros(len(rollout), width, device=device)
+    mask = torch.zeros(len(rollout), width, device=device)
+    for start in range(0, len(rollout), batch_size):
+        rows = slice(start, start + batch_size)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            lp, m = response_log_probs(model, rollout.prompts[rows], rollout.responses[rows], temperature=temperature)
+        logp[rows, : lp.shape[1]] = lp.float()
+        mask[rows, : m.shape[1]] = m
+    model.train(was_training)
+    return logp, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The clipped policy-gradient update (03, 05, 06)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipConfig:
+    """How the clipped surrogate is applied to one rollout."""
+    epochs: int = 2  # passes over the rollout (PPO reuses each sample for several steps)
+    minibatch_size: int = 32
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = None  # None: = clip_low (DAPO's clip-higher sets it larger)
+    loss_agg: str = "token_mean"  # token_mean (PPO, DAPO), seq_mean (GRPO), seq_sum_norm (Dr. GRPO)
+    temperature: float = 1.0  # the sampling temperature, which also divides the logits when scoring
+    kl_beta: float = 0.0  # weight of a k3 KL(pi || ref) term in the loss (GRPO); 0 = none
+    grad_clip: float = 1.0
+
+
+def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask, config, rng, *, ref_logp=None,
+                          step=0):
+    """`config.epochs` passes of the clipped surrogate over shuffled minibatches of one rollout.
+
+    old_logp, advantages, mask: (N, R) per-token tensors of the whole rollout (a per-reply advantage is
+    broadcast over its tokens by the caller). Returns one stats dict per minibatch, in order: the first
+    minibatch sees the policy that sampled the rollout, so its ratio is 1 and its clipfrac 0.
+    """
+    from kernels import kl_penalty, masked_mean, ppo_policy_loss
+
+    history = []
+    for _, batch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
+        rows = torch.tensor(batch, device=old_logp.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=old_logp.is_cuda):
+            logp, m, entropy = response_log_probs(policy, [rollout.prompts[i] for i in batch],
+                                                  [rollout.responses[i] for i in batch],
+                                                  temperature=config.temperature, return_entropy=True)
+        width = logp.shape[1]  # this minibatch's longest reply
+        loss, stats = ppo_policy_loss(logp, old_logp[rows, :width], advantages[rows, :width], m,
+                                      clip_low=config.clip_low, clip_high=config.clip_high, loss_agg=config.loss_agg)
+        stats = {k: float(v) for k, v in stats.items()}
+        if ref_logp is not None and config.kl_beta > 0:
+            kl = masked_mean(kl_penalty(logp, ref_logp[rows, :width], "k3"), m)
+            loss = loss + config.kl_beta * kl
+            stats["kl_k3"] = kl.item()
+        stats.update(policy_loss=loss.item(), entropy=masked_mean(entropy.float(), m).item())
+        update(policy, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
+        history.append(stats)
+    return history
+
+
+def mean_stats(history):
+    """Average of each key over a list of stats dicts (the minibatches of one iteration)."""
+    return {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifiable rewards: deterministic checkers instead of a learned reward model (05, 06)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_math_answer(task, response):
+    """Exactly one "The answer is N." and N is the true result."""
+    return world.verify(task, response)
+
+
+def check_fact(task, response):
+    """Known place: the one value named is the knowledge base's. Unknown place: says it does not know and
+    names nothing. False premise: starts with "No" and names the true value only."""
+    return world.verify(task, response)
+
+
+def check_format(task, response):
+    """The turn ended, the reply is not empty, it does not repeat itself and gives at most one final answer."""
+    text, ended = world.strip_end(response)
+    return ended and bool(text) and not world.repetition(text) and len(world.ANSWER_RE.findall(text)) <= 1
+
+
+# name -> (which tasks it applies to, the check). A reward is the weighted sum of the checks that apply.
+CHECKERS = {
+    "math_answer": (lambda task: task.family == "math", check_math_answer),
+    "fact_lookup": (lambda task: task.family == "facts", check_fact),
+    "format": (lambda task: True, check_format),
+}
+
+
+def verifiable_reward(task, response, weights):
+    """Sum over CHECKERS that apply to the task of weights[name] * (1 if the check passes else 0)."""
+    return sum(weight * float(bool(CHECKERS[name][1](task, response)))
+               for name, weight in weights.items() if CHECKERS[name][0](task))
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups of replies per prompt, with dynamic sampling (05, 06)
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_groups(policy, tokenizer, draw_tasks, reward_fn, *, n_groups, group_size, temperature, max_new_tokens,
+                  seed, dynamic=False, max_draws=4):
+    """A rollout of n_groups groups of group_size replies (one group per task), and their rewards (N,).
+
+    reward_fn(rollout) -> list of floats, one per reply. With dynamic sampling (DAPO), a group whose rewards are all
+    equal (it teaches nothing: its group advantages are 0) is dropped and fresh tasks are drawn, up to
+    max_draws rounds; if the batch is still short it is filled with dropped groups.
+    Also returns {"zero_variance_share": share of the first draw's groups with equal rewards, "draws": n}.
+    """
+    kept, dropped, stats = [], [], {}
+    for draw in range(max_draws if dynamic else 1):
+        tasks = draw_tasks(n_groups - len(kept))
+        rollout = sample_rollout(policy, tokenizer, tasks, samples=group_size, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, seed=seed + 7919 * draw)
+        rewards = torch.tensor(reward_fn(rollout), dtype=torch.float32)
+        groups = rewards.view(len(tasks), group_size)
+        equal = (groups.max(dim=1).values == groups.min(dim=1).values).tolist()
+        if draw == 0:
+            stats["zero_variance_share"] = sum(equal) / len(equal)
+        for g, is_equal in enumerate(equal):
+            (dropped if dynamic and is_equal else kept).append((rollout, g, groups[g]))
+        stats["draws"] = draw + 1
+        if len(kept) >= n_groups:
+            break
+    kept = (kept + dropped)[:n_groups]
+    merged = Rollout([], [], [], [])
+    for rollout, g, _ in kept:
+        for i in range(g * group_size, (g + 1) * group_size):
+            merged.tasks.append(rollout.tasks[i])
+            merged.prompts.append(rollout.prompts[i])
+            merged.responses.append(rollout.responses[i])
+            merged.texts.append(rollout.texts[i])
+    return merged, torch.cat([r for _, _, r in kept]), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# One GRPO step (05, 06): groups of replies, group-relative advantages, the clipped update
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_step(policy, optimizer, reference, tokenizer, draw_tasks, reward_fn, clip, rng, *, n_groups, group_size,
+              scale="std", dynamic_sampling=False, max_new_tokens=96, step=0, seed=0):
+    """Sample n_groups x group_size replies, reward them (reward_fn(rollout) -> list of floats), turn each
+    reward into its group-relative advantage (kernels.group_advantages) and apply the clipped update
+    (clipped_policy_update with `clip`, a ClipConfig). No value model: the group is the baseline.
+
+    Returns (stats, rollout): the stats of the step and the rollout it trained on.
+    """
+    from kernels import group_advantages, masked_mean
+
+    start = time.time()
+    rollout, rewards, sample_stats = sample_groups(
+        policy, tokenizer, draw_tasks, reward_fn, n_groups=n_groups, group_size=group_size,
+        temperature=clip.temperature, max_new_tokens=max_new_tokens, seed=seed + 1000 * step,
+        dynamic=dynamic_sampling)
+    rollout_seconds = time.time() - start
+    advantages = group_advantages(rewards, group_size, scale=scale)  # (N,) one per reply
+    old_logp, mask = rollout_log_probs(policy, rollout, temperature=clip.temperature)
+    ref_logp, _ = rollout_log_probs(reference, rollout, temperature=clip.temperature)
+    token_advantages = advantages.to(mask.device)[:, None] * mask  # every token of a reply gets its advantage
+    history = clipped_policy_update(policy, optimizer, rollout, old_logp, token_advantages, mask, clip, rng,
+                                    ref_logp=ref_logp, step=step)
+    lengths = mask.sum(dim=1).cpu()
+    correct = torch.tensor([bool(world.verify(t, x)) for t, x in zip(rollout.tasks, rollout.texts)])
+    stats = {"reward": rewards.mean().item(), **sample_stats,
+             "verified": correct.float().mean().item(),
+             "len_correct": lengths[correct].mean().item() if correct.any() else float("nan"),
+             "len_wrong": lengths[~correct].mean().item() if (~correct).any() else float("nan"),
+             "kl": ((old_logp - ref_logp) * mask).sum(dim=1).mean().item(),  # k1 estimate of KL(pi || ref)
+             "tokens_per_s": lengths.sum().item() / rollout_seconds,
+             "first_ratio": history[0]["ratio_mean"], "first_clipfrac": history[0]["clipfrac"],
+             **mean_stats(history)}
+    return stats, rollout
+
+
+def training_state_bytes(model, trained):
+    """Bytes of float32 state a model holds: weights, plus gradients and two AdamW moments when trained."""
+    params = sum(p.numel() for p in model.parameters())
+    return params * 4 * (4 if trained else 1)

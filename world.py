@@ -22,6 +22,7 @@ at the end if and only if the model ended its turn.
 import math
 import random
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -416,6 +417,19 @@ def request_task(rng, activity, kind, split):
     return Task("requests", kind, prompt, activity, ideal, bad, {"steps": steps, "alternative": alternative})
 
 
+def preference_negatives(task):
+    """The bad replies a preference rater is shown for a task: the task's own, plus for a benign request
+    the polite refusal a *harmful* request deserves. That over-refusal looks exactly like good behaviour
+    elsewhere, so a reward model that judges a reply's form, not its fit to the prompt, scores it high,
+    and RL against that reward model finds it (03 did, before raters were shown it)."""
+    negatives = list(task.bad.values())
+    if task.kind == "benign":
+        alternatives = [alternative for _, alternative in HARMFUL.values()]
+        alternative = alternatives[int(_hash_fraction("refuse/" + task.truth) * len(alternatives))]
+        negatives.append(f"I can't help with that, because it could hurt people. {alternative}")
+    return negatives
+
+
 def _hash_fraction(key):
     """A deterministic number in [0, 1) from a string (Python's hash() changes between runs)."""
     return sum((i + 1) * ord(c) for i, c in enumerate(key)) * 2654435761 % 2**32 / 2**32
@@ -742,12 +756,24 @@ def response_text(tokenizer, ids):
 
 def generate_responses(model, tokenizer, tasks, *, samples=1, temperature=1.0, max_new_tokens=96, seed=0,
                        batch_size=128):
-    """For each task, `samples` replies as (token ids, text). Deterministic given the seed."""
-    prompts = [tokenizer.render_prompt([{"role": "user", "content": t.prompt}]) for t in tasks for _ in range(samples)]
-    outputs = []
+    """For each task, `samples` replies as (prompt ids, token ids, text). Deterministic given the seed."""
+    chats = [[{"role": "user", "content": t.prompt}] for t in tasks for _ in range(samples)]
+    return continue_chats(model, tokenizer, chats, temperature=temperature, max_new_tokens=max_new_tokens,
+                          seed=seed, batch_size=batch_size)
+
+
+def continue_chats(model, tokenizer, chats, *, temperature=1.0, max_new_tokens=96, seed=0, batch_size=128):
+    """The assistant's next turn in each conversation (a list of messages ending with a user turn).
+    Returns (prompt ids, reply token ids, reply texts with END when the turn ended)."""
+    prompts = [tokenizer.render_prompt(chat) for chat in chats]
+    outputs, began = [], time.time()
     for start in range(0, len(prompts), batch_size):
         outputs += model.generate(prompts[start:start + batch_size], max_new_tokens, temperature=temperature,
                                   stop_ids=(tokenizer.eot_id,), seed=seed + start)
+        if len(prompts) >= 20 * batch_size and (start // batch_size) % 10 == 9:  # long jobs say how far they are
+            elapsed = time.time() - began
+            print(f"  generated {len(outputs)}/{len(prompts)} replies  elapsed {elapsed:.0f}s  "
+                  f"eta {elapsed / len(outputs) * (len(prompts) - len(outputs)):.0f}s", flush=True)
     return prompts, outputs, [response_text(tokenizer, ids) for ids in outputs]
 
 

@@ -11,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SCRIPTS = ["00_pretrain.py", "01_sft.py", "02_reward_model.py", "03_ppo.py", "04_dpo.py", "05_grpo.py", "06_rlvr.py",
+           "07_cai.py"]
+
+
 def run_script(script, *args):
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -22,9 +26,9 @@ def read_metrics(out, stage):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """One test-preset run of 00, 01, 02 and 04 into a fresh --out folder, shared by the tests below."""
+    """One test-preset run of 00 -> 07 into a fresh --out folder, shared by the tests below."""
     out = tmp_path_factory.mktemp("run")
-    for script in ("00_pretrain.py", "01_sft.py", "02_reward_model.py", "04_dpo.py"):
+    for script in SCRIPTS:
         result = run_script(script, "--preset", "test", "--out", str(out))
         assert result.returncode == 0, result.stderr[-2000:]
     return out
@@ -34,7 +38,7 @@ EXPECTED_KEYS = {"gold_score", "math_acc", "facts_acc", "idk_rate", "pushback_ra
                  "benign_help_rate", "rude_rate", "mean_len", "ended_rate", "math_acc_greedy", "facts_acc_greedy"}
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "ppo", "dpo", "grpo", "rlvr", "cai"])
 def test_stage_writes_its_outputs(pipeline, stage):
     for name in ("model.pt", "metrics.json", "curves.png", "samples.md", "eval_texts.json"):
         assert (pipeline / stage / name).is_file(), name
@@ -75,11 +79,53 @@ def test_dpo_starts_at_ln2_and_reports_kl_and_win_rate(pipeline):
     assert metrics["train_margin"] > 0 and metrics["train_reward_acc"] > 0.5  # 0 and 0.5 at step 0
 
 
-@pytest.mark.parametrize("script", ["02_reward_model.py", "04_dpo.py"])
+@pytest.mark.parametrize("script", ["02_reward_model.py", "03_ppo.py", "04_dpo.py", "05_grpo.py", "06_rlvr.py",
+                                    "07_cai.py"])
 def test_preference_stages_without_sft_say_which_script_to_run(script, tmp_path):
     result = run_script(script, "--preset", "test", "--out", str(tmp_path))
     assert result.returncode != 0
     assert "01_sft.py" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_ppo_logs_its_health_and_the_over_optimisation_run(pipeline):
+    metrics = read_metrics(pipeline, "ppo")
+    assert metrics["first_minibatch_clipfrac"] == 0.0  # each iteration starts on-policy
+    curve = metrics["curve"]
+    for key in ("rm_reward", "gold", "kl", "approx_kl", "clipfrac", "explained_variance", "entropy", "length",
+                "tokens_per_s"):
+        assert len(curve[key]) == 4 and all(math.isfinite(v) for v in curve[key]), key
+    assert curve["kl"][0] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the SFT model itself
+    assert len(metrics["overopt_curve"]["rm_reward"]) == 2
+    assert metrics["kl_to_sft"] > 0 and 0.0 <= metrics["win_rate_vs_sft"] <= 1.0
+
+
+def test_grpo_tracks_groups_clipping_entropy_and_lengths(pipeline):
+    metrics = read_metrics(pipeline, "grpo")
+    for key in ("reward", "zero_variance_share", "clipfrac", "entropy", "len_correct", "len_wrong", "kl"):
+        assert len(metrics["curve"][key]) == 4, key
+    assert metrics["model_state_mib"]["grpo"] < metrics["model_state_mib"]["ppo"]
+
+
+def test_rlvr_compares_verifier_and_reward_model_runs_and_reports_pass_at_k(pipeline):
+    metrics = read_metrics(pipeline, "rlvr")
+    for run in ("verifier_curve", "rm_curve"):
+        for key in ("math_verified", "facts_verified", "rm_score", "kl"):
+            assert len(metrics[run][key]) == 3, (run, key)
+    assert set(metrics["pass_at_k"]) == {"SFT", "RLVR (verifier)", "RL on the RM"}
+    for curves in metrics["pass_at_k"].values():
+        for family in ("math", "facts"):
+            values = list(curves[family].values())
+            assert values == sorted(values)  # pass@k never falls as k grows
+
+
+def test_cai_reports_phases_label_agreement_and_over_refusal(pipeline):
+    metrics = read_metrics(pipeline, "cai")
+    assert 0.0 <= metrics["label_agreement_with_gold"] <= 1.0 and metrics["labels"]["pairs"] > 0
+    assert abs(metrics["labels"]["position_bias"]) <= 0.5
+    assert EXPECTED_KEYS <= set(metrics["sl_cai"])
+    assert set(metrics["over_refusal"]) == {"sft", "sl_cai", "rl_cai"}
+    samples = (pipeline / "cai" / "samples.md").read_text()
+    assert "**critique:**" in samples and "**revision:**" in samples and "**RL-CAI:**" in samples
 
 
 def test_same_seed_gives_the_same_metrics_bit_for_bit(pipeline, tmp_path):
@@ -110,7 +156,10 @@ def test_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("script,args", [("00_pretrain.py", ["--max-steps", "0"]), ("00_pretrain.py", ["--lr", "-1"]),
                                          ("01_sft.py", ["--epochs", "0"]), ("00_pretrain.py", ["--preset", "huge"]),
                                          ("04_dpo.py", ["--loss", "kto"]), ("04_dpo.py", ["--label-smoothing", "0.7"]),
-                                         ("02_reward_model.py", ["--epochs", "-1"]), ("00_pretrain.py", ["--device", "gpu"])])
+                                         ("02_reward_model.py", ["--epochs", "-1"]), ("00_pretrain.py", ["--device", "gpu"]),
+                                         ("03_ppo.py", ["--kl-coef", "-1"]), ("03_ppo.py", ["--kl-estimator", "k9"]),
+                                         ("05_grpo.py", ["--group-size", "1"]), ("05_grpo.py", ["--loss-agg", "sum"]),
+                                         ("06_rlvr.py", ["--beta", "-0.1"]), ("07_cai.py", ["--principles", "99"])])
 def test_bad_arguments_exit_with_usage_error(script, args, tmp_path):
     result = run_script(script, "--out", str(tmp_path), *args)
     assert result.returncode == 2

@@ -1,0 +1,399 @@
+"""Stage 7: Constitutional AI. The model critiques and judges itself against written principles.
+
+Human preference labels are slow and expensive, and harmful requests are exactly where we want them
+least. Constitutional AI (Bai et al. 2022) replaces them with a short list of principles in plain
+English (world.CONSTITUTION) and the model's own judgement, in two phases. No gold label is used in
+training: the gold judge only measures the result (a test checks that).
+
+1. SL-CAI, critique and revision. On red-team prompts (harmful requests) and some benign ones, the
+   SFT model answers; then it is asked to critique its answer against a principle drawn from the
+   constitution, and to revise it:
+
+       user: <request>           assistant: <reply>
+       user: Critique your last reply using this principle: <principle>     assistant: Critique: ...
+       user: Now revise your reply.                                        assistant: <revision>
+
+   (repeated for --rounds). The model is then fine-tuned on (request, final revision), with the
+   loss on the reply's tokens only.
+
+2. RL-CAI (RL from AI feedback). The SL-CAI model answers each prompt twice; then it is shown both
+   replies and a principle, and asked which is better. Its label is the probability it gives to
+   "(A)" versus "(B)" as the answer,
+
+       P(A better) = p("(A)") / (p("(A)") + p("(B)")),
+
+   averaged over several principles (--principles) and over both orders of the replies (a language
+   model prefers a position; averaging the two orders cancels that bias, which is measured). The
+   replies labelled this way train the SL-CAI model with DPO (04's loss, rl.dpo_batch), the
+   SL-CAI model as its reference.
+
+What to watch: the harmful-request refusal rate rising after each phase, the benign-help rate not
+falling (over-refusal is a failure too: the report counts refusals of harmless requests), and how
+often the model's own labels agree with the gold judge.
+
+    python 07_cai.py                  # needs out/sft/model.pt (01)
+    python 07_cai.py --rounds 2 --principles 4
+"""
+
+import os
+
+# Same seed, same numbers on CPU: MKL results independent of memory alignment and of a thread count
+# that MKL would otherwise lower by itself when the machine is busy.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+import world
+from gpt import configure_optimizer, cosine_lr, load_checkpoint, response_log_probs, save_checkpoint, set_lr, update
+from gpt import shuffled_minibatches
+from kernels import masked_mean
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
+                    resolve_run, run_parser, stage_dir, write_json, write_samples)
+from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+@dataclass
+class CAIConfig:
+    n_prompts: int  # SL-CAI prompts
+    harmful_share: float  # of the prompts; the rest are benign requests
+    rounds: int  # critique-revision rounds
+    sl_epochs: int
+    sl_lr: float
+    n_pairs: int  # RL-CAI prompts (two replies each)
+    principles: int  # principles in the labelling ensemble
+    min_confidence: float  # keep AI-labelled pairs with |P(A better) - 0.5| >= this
+    beta: float  # DPO
+    dpo_epochs: int
+    dpo_lr: float
+    batch_size: int = 32
+    max_new_tokens: int = 64  # replies and revisions
+    critique_tokens: int = 40
+    debias_positions: bool = True
+    grad_clip: float = 1.0
+    eval_samples: int = 4
+    eval_max_new_tokens: int = 96
+    log_every: int = 10
+
+
+PRESETS = {
+    "test": CAIConfig(n_prompts=32, harmful_share=0.6, rounds=1, sl_epochs=1, sl_lr=1e-4, n_pairs=32, principles=2,
+                      min_confidence=0.0, beta=0.1, dpo_epochs=1, dpo_lr=1e-4, batch_size=16, max_new_tokens=32,
+                      critique_tokens=24, eval_samples=1, eval_max_new_tokens=48, log_every=2),
+    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, rounds=1, sl_epochs=2, sl_lr=2e-4, n_pairs=800, principles=3,
+                     min_confidence=0.1, beta=0.5, dpo_epochs=2, dpo_lr=2e-5),
+    "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, rounds=2, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
+                     principles=4, min_confidence=0.1, beta=0.5, dpo_epochs=2, dpo_lr=2e-5, batch_size=64),
+}
+
+# The principles drawn for critiques and comparisons: the constitution's harmlessness and helpfulness
+# principles (the ones about facts and arithmetic do not bear on requests).
+PRINCIPLES = [world.CONSTITUTION[i] for i in (0, 1, 2, 6, 9)]
+
+
+def parse_args():
+    parser = run_parser(__doc__, PRESETS)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="critique-revision rounds")
+    parser.add_argument("--principles", type=positive_int, default=None, help="principles per AI label (ensemble)")
+    parser.add_argument("--beta", type=positive_float, default=None, help="DPO beta of the RL-CAI phase")
+    parser.add_argument("--no-debias", dest="debias_positions", action="store_false", default=None,
+                        help="label each pair in one order only (shows the position bias)")
+    args = parser.parse_args()
+    device = resolve_run(args, parser)
+    if args.principles is not None and args.principles > len(PRINCIPLES):
+        parser.error(f"--principles must be at most {len(PRINCIPLES)}")
+    return args, preset_config(PRESETS, args, ["rounds", "principles", "beta", "debias_positions"]), device
+
+
+# ---- data: red-team and benign prompts (only their text is used) ---------------------------------
+
+def request_tasks(rng, n, harmful_share):
+    """n request tasks from the train split, harmful_share of them harmful (the red-team prompts).
+    Training reads only their prompt text; the rest of a task (its truth) is for measurement."""
+    kinds = ["harmful" if rng.random() < harmful_share else "benign" for _ in range(n)]
+    return [world.make_task("requests", kind, rng, "train") for kind in kinds]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": world.strip_end(text)[0]}
+
+
+# ---- phase 1: SL-CAI ----------------------------------------------------------------------------
+
+def critique_and_revise(model, tokenizer, prompts, config, rng, seed):
+    """Sample a reply to each prompt, then `rounds` of self-critique and revision.
+    Returns a list of dicts: prompt, reply, and per round the principle, critique and revision."""
+    def reply_to(chats, max_new_tokens, offset):
+        return world.continue_chats(model, tokenizer, chats, max_new_tokens=max_new_tokens, seed=seed + offset)[2]
+
+    chats = [[user(p)] for p in prompts]
+    replies = reply_to(chats, config.max_new_tokens, 0)
+    records = [{"prompt": p, "reply": r, "rounds": []} for p, r in zip(prompts, replies)]
+    latest = replies
+    for round_ in range(config.rounds):
+        principles = [rng.choice(PRINCIPLES) for _ in prompts]
+        chats = [chat + [assistant(r), user(world.CRITIQUE_REQUEST.format(principle=pr))]
+                 for chat, r, pr in zip(chats, latest, principles)]
+        critiques = reply_to(chats, config.critique_tokens, 1_000_000 * (2 * round_ + 1))
+        chats = [chat + [assistant(c), user(world.REVISION_REQUEST)] for chat, c in zip(chats, critiques)]
+        latest = reply_to(chats, config.max_new_tokens, 1_000_000 * (2 * round_ + 2))
+        for record, pr, c, r in zip(records, principles, critiques, latest):
+            record["rounds"].append({"principle": pr, "critique": c, "revision": r})
+    return records
+
+
+def supervised_finetune(model, tokenizer, examples, config, rng, device):
+    """Fine-tune on (prompt, reply text) pairs: cross-entropy on the reply's tokens only. -> loss curve"""
+    data = [(tokenizer.render_prompt([user(p)]), reply_ids(tokenizer, r)) for p, r in examples]
+    max_steps = config.sl_epochs * ((len(data) + config.batch_size - 1) // config.batch_size)
+    optimizer = configure_optimizer(model, config.sl_lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    progress = Progress(max_steps, config.log_every)
+    for step, (_, batch) in enumerate(shuffled_minibatches(data, config.batch_size, config.sl_epochs, rng)):
+        set_lr(optimizer, cosine_lr(step, max_steps, config.sl_lr, warmup_steps=5))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logp, mask = response_log_probs(model, [p for p, _ in batch], [r for _, r in batch])
+            loss = -masked_mean(logp.float(), mask)
+        update(model, optimizer, loss, config.grad_clip, step)
+        losses.append(loss.item())
+        if progress.due(step):
+            progress.line(step, phase="SL-CAI", loss=loss.item())
+    return losses
+
+
+# ---- phase 2: RL-CAI (AI feedback) --------------------------------------------------------------
+
+@torch.no_grad()
+def first_reply_probabilities(model, tokenizer, comparisons, batch_size=64):
+    """For each comparison (principle, prompt, first reply, second reply): the model's
+    P("(A)") / (P("(A)") + P("(B)")) when shown the first reply as (A) and the second as (B). -> (N,)"""
+    prompts = [tokenizer.render_prompt([user(world.COMPARISON_PROMPT.format(
+        principle=principle, prompt=prompt, a=world.strip_end(first)[0], b=world.strip_end(second)[0]))])
+        for principle, prompt, first, second in comparisons]
+    answer_a, answer_b = tokenizer.encode("(A)"), tokenizer.encode("(B)")
+    probabilities = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        logp, _ = response_log_probs(model, chunk + chunk, [answer_a] * len(chunk) + [answer_b] * len(chunk))
+        log_a, log_b = logp.sum(dim=1).float().cpu().chunk(2)
+        probabilities.append(torch.sigmoid(log_a - log_b))
+    return torch.cat(probabilities)
+
+
+def ai_labels(model, tokenizer, items, principles, debias=True):
+    """The model's own preference between the replies a and b of each item (prompt, a, b).
+
+    principles: one list of principles per item (the ensemble). Returns probs (N, 2), rows
+    [P(a better), P(b better)] summing to 1, averaged over the principles and, with debias, over both
+    orders; and the position bias (N,): how much more the first-shown reply is picked than the
+    order-free label says (0 = none, +0.5 = always the first).
+    """
+    comparisons = [(pr, prompt, first, second) for (prompt, a, b), prs in zip(items, principles) for pr in prs
+                   for first, second in ((a, b), (b, a))]
+    p = first_reply_probabilities(model, tokenizer, comparisons).view(len(items), len(principles[0]), 2)
+    p_first, p_second = p[..., 0].mean(dim=1), p[..., 1].mean(dim=1)  # a shown first; b shown first
+    p_a = (p_first + 1 - p_second) / 2 if debias else p_first
+    return torch.stack([p_a, 1 - p_a], dim=1), (p_first + p_second - 1) / 2
+
+
+def fits_comparison(tokenizer, prompt, a, b, block_size):
+    """Whether the comparison prompt with both replies fits the context (cut prompts would lose the principle)."""
+    longest = max(PRINCIPLES, key=len)
+    text = world.COMPARISON_PROMPT.format(principle=longest, prompt=prompt, a=world.strip_end(a)[0],
+                                          b=world.strip_end(b)[0])
+    return len(tokenizer.render_prompt([user(text)])) + 4 <= block_size
+
+
+def ai_feedback_pairs(model, tokenizer, prompts, config, rng, seed):
+    """Two replies per prompt from the model, labelled by the model. -> (pairs for DPO, labelling stats)"""
+    prompt_ids, outputs, texts = world.continue_chats(model, tokenizer, [[user(p)] for p in prompts for _ in (0, 1)],
+                                                      max_new_tokens=config.max_new_tokens, seed=seed)
+    skipped, items, indices = Counter(), [], []
+    for i, prompt in enumerate(prompts):
+        a, b = texts[2 * i], texts[2 * i + 1]
+        if a == b:
+            skipped["identical replies"] += 1
+        elif not fits_comparison(tokenizer, prompt, a, b, model.config.block_size):
+            skipped["too long to compare"] += 1
+        else:
+            items.append((prompt, a, b))
+            indices.append(i)
+    print(f"labelling {len(items)} pairs x {config.principles} principles x 2 orders ...", flush=True)
+    probs, bias = ai_labels(model, tokenizer, items, [rng.sample(PRINCIPLES, config.principles) for _ in items],
+                            config.debias_positions)
+    pairs = []
+    for (prompt, a, b), i, (p_a, p_b) in zip(items, indices, probs.tolist()):
+        if abs(p_a - 0.5) < config.min_confidence:
+            skipped["low confidence"] += 1
+            continue
+        chosen, rejected = (b, a) if p_b > p_a else (a, b)
+        pairs.append({"index": i, "prompt": prompt, "prompt_ids": prompt_ids[2 * i], "chosen": chosen,
+                      "rejected": rejected, "chosen_ids": reply_ids(tokenizer, chosen),
+                      "rejected_ids": reply_ids(tokenizer, rejected), "confidence": max(p_a, p_b)})
+    stats = {"pairs": len(pairs), "skipped": dict(skipped),
+             "position_bias": bias.mean().item() if len(items) else 0.0}
+    return pairs, stats
+
+
+def dpo_on_ai_labels(policy, reference, pairs, config, rng, device):
+    """DPO on the AI-labelled pairs, the SL-CAI model as reference. -> per-step stats"""
+    ref_chosen, ref_rejected = reference_log_probs(reference, pairs)
+    optimizer = configure_optimizer(policy, config.dpo_lr, weight_decay=0.0)
+    max_steps = config.dpo_epochs * ((len(pairs) + config.batch_size - 1) // config.batch_size)
+    policy.train()
+    curve = []
+    progress = Progress(max_steps, config.log_every)
+    order = list(range(len(pairs)))
+    for step, (_, batch) in enumerate(shuffled_minibatches(order, config.batch_size, config.dpo_epochs, rng)):
+        set_lr(optimizer, cosine_lr(step, max_steps, config.dpo_lr, warmup_steps=5))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, stats = dpo_batch(policy, [pairs[i] for i in batch], ref_chosen[batch], ref_rejected[batch],
+                                    beta=config.beta)
+        update(policy, optimizer, loss, config.grad_clip, step)
+        curve.append({"loss": loss.item(), **stats})
+        if progress.due(step):
+            progress.line(step, phase="RL-CAI (DPO)", loss=loss.item(), acc=stats["reward_acc"], margin=stats["margin"])
+    final_acc, final_margin = implicit_reward_stats(policy, pairs, ref_chosen, ref_rejected, config.beta)
+    return curve, {"train_reward_acc": final_acc, "train_margin": final_margin}
+
+
+# ---- measurement (the gold judge appears only from here on) --------------------------------------
+
+def label_agreement(pairs, tasks):
+    """Share of AI-labelled pairs where the gold judge also prefers the chosen reply (pairs it scores
+    equal are left out). tasks: the tasks whose prompts the pairs answer (pair["index"])."""
+    decided = [(world.gold_score(tasks[p["index"]], p["chosen"]), world.gold_score(tasks[p["index"]], p["rejected"]))
+               for p in pairs]
+    decided = [(c, r) for c, r in decided if c != r]
+    return sum(c > r for c, r in decided) / max(1, len(decided)), len(decided)
+
+
+def refusal_report(tasks, texts, samples):
+    """Over-refusal: refusals of harmless prompts (benign requests, questions) and the most repeated
+    opening sentences of replies to requests (boilerplate)."""
+    replies = [(t, r) for t, rs in zip(tasks, [texts[i:i + samples] for i in range(0, len(texts), samples)])
+               for r in rs]
+    harmless = [world.is_refusal(world.strip_end(r)[0]) for t, r in replies if t.kind != "harmful"]
+    benign = [world.is_refusal(world.strip_end(r)[0]) for t, r in replies if t.kind == "benign"]
+    openings = Counter(world.strip_end(r)[0].split(".")[0] for t, r in replies if t.family == "requests")
+    return {"benign_refused": sum(benign) / len(benign), "harmless_refused": sum(harmless) / len(harmless),
+            "top_openings": openings.most_common(3)}
+
+
+def main():
+    args, config, device = parse_args()
+    out = stage_dir(args.out, "cai")
+    model, tokenizer, _ = load_stage(args.out, "sft", device)
+    sft_reference, _, _ = load_checkpoint(stage_dir(args.out, "sft") / "model.pt", device)
+    sft_reference.requires_grad_(False)
+    sft_texts = read_stage_json(args.out, "sft", "eval_texts.json")
+    sft_metrics = read_stage_json(args.out, "sft", "metrics.json")
+    print(f"preset {args.preset} on {device}: {config}")
+    rng = random.Random(f"cai/{args.seed}")
+    start = time.time()
+
+    # ---- phase 1: SL-CAI ----
+    prompts = [t.prompt for t in request_tasks(rng, config.n_prompts, config.harmful_share)]
+    records = critique_and_revise(model, tokenizer, prompts, config, rng, args.seed)
+    final = [(r["prompt"], r["rounds"][-1]["revision"]) for r in records]
+    examples = [(p, rev) for p, rev in final if rev.endswith(world.END) and world.strip_end(rev)[0]]
+    print(f"SL-CAI: {len(records)} prompts critiqued and revised; fine-tuning on {len(examples)} ended revisions")
+    sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
+    sl_seconds = time.time() - start
+    save_checkpoint(out / "sl_cai.pt", model, tokenizer=tokenizer, meta={"stage": "sl_cai", "config": asdict(config)})
+
+    # ---- phase 2: RL-CAI, DPO on the model's own labels ----
+    sl_reference, _, _ = load_checkpoint(out / "sl_cai.pt", device)
+    sl_reference.requires_grad_(False)
+    rl_tasks = request_tasks(rng, config.n_pairs, config.harmful_share)
+    pairs, label_stats = ai_feedback_pairs(sl_reference, tokenizer, [t.prompt for t in rl_tasks], config, rng,
+                                           args.seed + 1)
+    if not pairs:
+        raise SystemExit(f"error: no AI-labelled pairs to train on (skipped: {label_stats['skipped']}); "
+                         f"try more --principles or a longer-context preset")
+    print(f"RL-CAI: {label_stats['pairs']} AI-labelled pairs (skipped {label_stats['skipped']}), "
+          f"position bias {label_stats['position_bias']:+.3f}")
+    eval_sl = {}
+    tasks = world.eval_suite(args.seed)
+    eval_sl["metrics"], eval_sl["texts"] = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples,
+                                                          seed=args.seed, max_new_tokens=config.eval_max_new_tokens,
+                                                          ref_model=sft_reference, ref_texts=sft_texts)
+    dpo_curve, dpo_stats = dpo_on_ai_labels(model, sl_reference, pairs, config, rng, device)
+    train_seconds = time.time() - start
+    save_checkpoint(out / "model.pt", model, tokenizer=tokenizer,
+                    meta={"stage": "cai", "preset": args.preset, "config": asdict(config)})
+
+    # ---- evaluation: the eval suite after each phase, label agreement, over-refusal ----
+    metrics, texts = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
+                                    max_new_tokens=config.eval_max_new_tokens, ref_model=sft_reference,
+                                    ref_texts=sft_texts)
+    agreement, judged = label_agreement(pairs, rl_tasks)
+    metrics.update(sl_cai=eval_sl["metrics"], label_agreement_with_gold=agreement, label_pairs_judged=judged,
+                   labels=label_stats, dpo=dpo_stats, over_refusal={
+                       "sft": refusal_report(tasks, sft_texts, config.eval_samples),
+                       "sl_cai": refusal_report(tasks, eval_sl["texts"], config.eval_samples),
+                       "rl_cai": refusal_report(tasks, texts, config.eval_samples)},
+                   sl_examples=len(examples), sl_seconds=sl_seconds, train_seconds=train_seconds,
+                   preset=args.preset, device=str(device))
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "eval_texts.json", texts)
+    print("SFT -> SL-CAI -> RL-CAI on the eval suite:")
+    for key in world.METRIC_NAMES:
+        print(f"  {key:<22} {sft_metrics[key]:8.3f} -> {eval_sl['metrics'][key]:8.3f} -> {metrics[key]:8.3f}")
+    print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
+    print(f"AI labels agree with the gold judge on {agreement:.1%} of {judged} pairs it can tell apart")
+    for stage, report in metrics["over_refusal"].items():
+        print(f"  {stage:<7} refuses {report['benign_refused']:.1%} of benign requests, "
+              f"{report['harmless_refused']:.1%} of harmless prompts")
+
+    names = ["harmful_refusal_rate", "benign_help_rate", "pushback_rate", "idk_rate", "math_acc", "facts_acc",
+             "rude_rate", "ended_rate"]
+    plot_curves(out / "curves.png", {
+        "SL-CAI fine-tuning": {"x": "step", "y": "reply-token cross-entropy",
+                               "lines": {"loss": (list(range(len(sl_losses))), sl_losses)}},
+        "RL-CAI (DPO on AI labels)": {"x": "step", "y": "", "lines": {
+            "loss": (list(range(len(dpo_curve))), [s["loss"] for s in dpo_curve]),
+            "implicit-reward accuracy": (list(range(len(dpo_curve))), [s["reward_acc"] for s in dpo_curve])}},
+        "eval suite after each phase": {"x": "rate", "y": "", "labels": names, "bars": {
+            "SFT": [sft_metrics[k] for k in names], "SL-CAI": [eval_sl["metrics"][k] for k in names],
+            "RL-CAI": [metrics[k] for k in names]}},
+    }, title=f"07 Constitutional AI ({args.preset} preset): harmful refusal {sft_metrics['harmful_refusal_rate']:.2f}"
+             f" -> {eval_sl['metrics']['harmful_refusal_rate']:.2f} -> {metrics['harmful_refusal_rate']:.2f}, "
+             f"AI-gold agreement {agreement:.2f}", columns=3)
+    write_critiques(out / "samples.md", records, tasks, sft_texts, eval_sl["texts"], texts, config.eval_samples)
+    print(f"wrote {out}/model.pt, sl_cai.pt, metrics.json, curves.png, samples.md")
+
+
+def write_critiques(path, records, tasks, sft_texts, sl_texts, rl_texts, samples):
+    """samples.md: critique-revision examples, then eval replies of SFT, SL-CAI and RL-CAI side by side."""
+    lines = ["# Constitutional AI", "", "## Self-critique and revision (SL-CAI training data)", ""]
+    for record in records[:6]:
+        lines += [f"**request:** {record['prompt']}", "", f"**reply:** {record['reply']}", ""]
+        for round_ in record["rounds"]:
+            lines += [f"**principle:** {round_['principle']}", "", f"**critique:** {round_['critique']}", "",
+                      f"**revision:** {round_['revision']}", ""]
+        lines.append("---")
+    lines += ["", "## Eval prompts: SFT, SL-CAI, RL-CAI (temperature 1)", ""]
+    shown = [t for t in world.sample_prompts(tasks, per_kind=3) if t.family == "requests"]
+    index = {id(t): i for i, t in enumerate(tasks)}
+    for task in shown:
+        i = index[id(task)] * samples
+        lines += [f"### {task.prompt}", "", f"**SFT:** {sft_texts[i]}", "", f"**SL-CAI:** {sl_texts[i]}", "",
+                  f"**RL-CAI:** {rl_texts[i]}", ""]
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
