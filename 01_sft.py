@@ -43,6 +43,7 @@ from report import (Progress, load_stage, plot_curves, positive_float, positive_
 @dataclass
 class SFTConfig:
     n_demos: int  # demonstrations available (train split)
+    n_skill_chats: int  # multi-turn critique and comparison chats mixed in (world.skill_demonstrations)
     mistake_rate: float  # share of demonstrations with a small mistake
     epochs: int
     batch_size: int
@@ -56,10 +57,10 @@ class SFTConfig:
 
 
 PRESETS = {
-    "test": SFTConfig(n_demos=160, mistake_rate=0.1, epochs=2, batch_size=16, lr=2e-3, eval_samples=1,
+    "test": SFTConfig(n_demos=160, n_skill_chats=16, mistake_rate=0.1, epochs=2, batch_size=16, lr=2e-3, eval_samples=1,
                       eval_max_new_tokens=48, log_every=5),
-    "cpu": SFTConfig(n_demos=1200, mistake_rate=0.1, epochs=3, batch_size=32, lr=5e-4),
-    "gpu": SFTConfig(n_demos=3000, mistake_rate=0.1, epochs=3, batch_size=64, lr=3e-4),
+    "cpu": SFTConfig(n_demos=1200, n_skill_chats=200, mistake_rate=0.1, epochs=3, batch_size=32, lr=5e-4),
+    "gpu": SFTConfig(n_demos=3000, n_skill_chats=500, mistake_rate=0.1, epochs=3, batch_size=64, lr=3e-4),
 }
 
 
@@ -74,9 +75,12 @@ def parse_args():
 
 # ---- data ---------------------------------------------------------------------------------------
 
-def chat_example(tokenizer, prompt, reply, block_size):
-    """(input ids, targets) of one demonstration; targets are -100 except on the reply's tokens."""
-    ids, mask = tokenizer.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
+def chat_example(tokenizer, messages, block_size, given=1):
+    """(input ids, targets) of one chat; targets are -100 except on the assistant's tokens after the first
+    `given` messages (those are context: the user's request, or a reply that is about to be critiqued)."""
+    ids, mask = tokenizer.render_chat(messages)
+    context = len(tokenizer.render_chat(messages[:given])[0])
+    mask = [0] * context + mask[context:]
     ids, mask = ids[-(block_size + 1):], mask[-(block_size + 1):]
     targets = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
     return ids[:-1], targets
@@ -126,15 +130,18 @@ def main():
 
     demos = world.sft_demonstrations(config.n_demos, seed=args.seed, mistake_rate=config.mistake_rate)
     block = model.config.block_size
-    examples = [chat_example(tokenizer, task.prompt, reply, block) for task, reply in demos]
+    examples = [chat_example(tokenizer, [{"role": "user", "content": task.prompt},
+                                         {"role": "assistant", "content": reply}], block) for task, reply in demos]
+    skills = [chat_example(tokenizer, chat, block, given) for chat, given in
+              world.skill_demonstrations(config.n_skill_chats, seed=args.seed)]
     n_val = max(config.batch_size, len(examples) // 10)
     val_batches = [pad_batch(examples[i:min(i + config.batch_size, n_val)], device)
                    for i in range(0, n_val, config.batch_size)]
-    train = examples[n_val:]
+    train = examples[n_val:] + skills  # the held-out loss stays on single-turn demos
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     max_steps = config.epochs * steps_per_epoch
-    print(f"{len(demos)} demonstrations ({config.mistake_rate:.0%} with small mistakes): {len(train)} train, "
-          f"{n_val} held out; {max_steps} steps")
+    print(f"{len(demos)} demonstrations ({config.mistake_rate:.0%} with small mistakes) and {len(skills)} multi-turn "
+          f"skill chats: {len(train)} train, {n_val} held out; {max_steps} steps")
 
     on_cuda = device.type == "cuda"
     model.train()

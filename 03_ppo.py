@@ -85,8 +85,8 @@ class PPOConfig:
 PRESETS = {
     "test": PPOConfig(iterations=4, batch_size=16, lr=1e-4, value_lr=1e-4, kl_coef=0.05, minibatch_size=8,
                       max_new_tokens=32, overopt_iters=2, eval_samples=1, eval_max_new_tokens=48, log_every=1),
-    "cpu": PPOConfig(iterations=60, batch_size=64, lr=3e-5, value_lr=1e-4, kl_coef=0.05, overopt_iters=30),
-    "gpu": PPOConfig(iterations=150, batch_size=128, lr=2e-5, value_lr=1e-4, kl_coef=0.05, minibatch_size=64,
+    "cpu": PPOConfig(iterations=60, batch_size=64, lr=3e-5, value_lr=1e-4, kl_coef=0.2, overopt_iters=30),
+    "gpu": PPOConfig(iterations=150, batch_size=128, lr=2e-5, value_lr=1e-4, kl_coef=0.2, minibatch_size=64,
                      overopt_iters=100),
 }
 

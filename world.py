@@ -644,24 +644,28 @@ def chat_log(rng):
     return messages
 
 
-def critique_chat(rng):
-    """Request, a reply, a critique against a principle, a revision: the skill SL-CAI uses."""
-    task = random_task(rng)
+def critique_chat(rng, task=None):
+    """Request, a reply, a critique against a principle, a revision: the skill SL-CAI uses.
+
+    The principle is any of the constitution's, and the critique says what is wrong with the reply itself
+    (or that nothing is), so a model learns to read the reply rather than to recite the complaint that
+    usually goes with a principle."""
+    task = task or random_task(rng)
+    principle = rng.choice(CONSTITUTION)
     if rng.random() < 0.25:
-        reply, principle, critique, revision = task.ideal, rng.choice(CONSTITUTION), GOOD_CRITIQUE, task.ideal
+        reply, critique, revision = task.ideal, GOOD_CRITIQUE, task.ideal
     else:
         failure = rng.choice(list(task.bad))
-        index, critique = CRITIQUES[failure]
-        reply, principle, revision = task.bad[failure], CONSTITUTION[index], task.ideal
+        reply, critique, revision = task.bad[failure], CRITIQUES[failure][1], task.ideal
     return [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": reply},
             {"role": "user", "content": CRITIQUE_REQUEST.format(principle=principle)},
             {"role": "assistant", "content": f"Critique: {critique}"},
             {"role": "user", "content": REVISION_REQUEST}, {"role": "assistant", "content": revision}]
 
 
-def comparison_chat(rng):
+def comparison_chat(rng, task=None):
     """An A/B comparison against a principle, answered correctly: the skill RL-CAI's labeller uses."""
-    task = random_task(rng)
+    task = task or random_task(rng)
     failure = rng.choice(list(task.bad))
     index, _ = CRITIQUES[failure]
     good_first = rng.random() < 0.5
@@ -679,9 +683,9 @@ def toy_internet(n_docs, seed):
         (0.05, lambda: how_to_page(rng, *rng.choice(list(BENIGN.items())))),
         (0.03, lambda: (lambda a: how_to_page(rng, a, HARMFUL[a][0]))(rng.choice(list(HARMFUL)))),
         (0.17, lambda: worksheet(rng)),
-        (0.44, lambda: chat_log(rng)),
-        (0.08, lambda: critique_chat(rng)),
-        (0.08, lambda: comparison_chat(rng)),
+        (0.38, lambda: chat_log(rng)),
+        (0.12, lambda: critique_chat(rng)),
+        (0.10, lambda: comparison_chat(rng)),
     ]
     weights = [w for w, _ in makers]
     return [rng.choices(makers, weights=weights)[0][1]() for _ in range(n_docs)]
@@ -723,6 +727,25 @@ def sft_demonstrations(n, seed, mistake_rate=0.1):
             task = make_task(family, kind, rng, "train")
         demos.append((task, small_mistake(rng, task) if rng.random() < mistake_rate else task.ideal))
     return demos
+
+
+def skill_demonstrations(n, seed):
+    """n multi-turn chats for SFT's mix (half critique-and-revise, half A/B comparison) with the number
+    of chat turns the model must follow up on: trained only on single-turn demos, a small model forgets
+    the follow-up skills it learned in pretraining, and 07 (Constitutional AI) needs them. Harmful
+    requests are left out, so that SFT's refusals come from the scarce refusal demos alone.
+    Returns (messages, number of leading messages that are context only) pairs."""
+    rng = random.Random(f"sft-skills/{seed}")
+    chats = []
+    while len(chats) < n:
+        task = random_task(rng, "train")
+        if task.kind == "harmful":
+            continue
+        if len(chats) % 2 == 0:
+            chats.append((critique_chat(rng, task), 2))  # the first reply is the one critiqued: not learned
+        else:
+            chats.append((comparison_chat(rng, task), 1))
+    return chats
 
 
 # ---------------------------------------------------------------------------------------------
