@@ -17,6 +17,7 @@ model's eval metrics in metrics.json and its replies in samples.md.
 
     python 00_pretrain.py                  # default preset: gpu if CUDA is available, else cpu
     python 00_pretrain.py --preset test    # seconds, for the tests
+    torchrun --nproc_per_node=4 00_pretrain.py   # data parallel over 4 GPUs (or CPU processes)
 """
 
 import os
@@ -32,7 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import GPT, GPTConfig, configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr, update
+from gpt import (GPT, GPTConfig, configure_optimizer, cosine_lr, is_main, lm_loss, local_slice, main_process_first,
+                 save_checkpoint, set_lr, update)
 from report import (Progress, plot_curves, positive_float, positive_int, preset_config, resolve_run, run_parser,
                     stage_dir, write_json, write_samples)
 from tokenizer import Tokenizer
@@ -133,7 +135,8 @@ def main():
     documents = world.toy_internet(config.n_docs, seed=args.seed)
     t0 = time.time()
     cache = out / f"tokenizer_v{config.vocab_size}_docs{config.n_docs}_seed{args.seed}.json"
-    tokenizer = load_or_train_tokenizer(cache, documents, config.vocab_size)
+    with main_process_first():  # under torchrun, rank 0 trains the tokenizer and the others read its file
+        tokenizer = load_or_train_tokenizer(cache, documents, config.vocab_size)
     n_val = max(1, len(documents) // 20)
     train_stream = tokenize_documents(tokenizer, documents[n_val:])
     val_stream = tokenize_documents(tokenizer, documents[:n_val])
@@ -158,13 +161,14 @@ def main():
         lr = cosine_lr(step, config.max_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
         x, y = random_windows(train_stream, config.batch_size, config.block_size, generator)
+        x, y = local_slice(x), local_slice(y)  # under torchrun: this process's share of the global batch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
             loss = next_token_loss(hidden_fn, model, x.to(device), y.to(device))
         update(model, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
         window_tokens += tokens_per_step
         curve["step"].append(step)
         curve["train_loss"].append(loss.item())
-        if progress.due(step):
+        if progress.due(step) and is_main():
             if on_cuda:
                 torch.cuda.synchronize()
             tokens_per_s = window_tokens / (time.time() - window_start)
@@ -177,6 +181,8 @@ def main():
             progress.line(step, **numbers)
             window_start, window_tokens = time.time(), 0
     train_seconds = time.time() - progress.start
+    if not is_main():  # the other data-parallel processes are done
+        return
 
     # ---- evaluation and outputs ----
     save_checkpoint(out / "model.pt", model, tokenizer=tokenizer,

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, cosine_lr, lm_loss, save_checkpoint, set_lr, update, shuffled_minibatches
+from gpt import (configure_optimizer, cosine_lr, is_main, lm_loss, local_share, save_checkpoint, set_lr,
+                 shuffled_minibatches, update)
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_samples)
 
@@ -152,18 +153,23 @@ def main():
     for step, (epoch, batch) in enumerate(shuffled_minibatches(train, config.batch_size, config.epochs, rng)):
         lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
-        x, y = pad_batch(batch, device)
+        # under torchrun each process takes its share; the loss is its own token mean (the usual data-parallel
+        # approximation: shares with fewer reply tokens weigh each token a little more than one process would)
+        share, weight = local_share(batch)
+        x, y = pad_batch(share, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
             loss = assistant_loss(model, x, y)
-        update(model, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
+        update(model, optimizer, loss * weight, config.grad_clip, step)  # NaN guard, backward, clip, step
         curve["step"].append(step)
         curve["train_loss"].append(loss.item())
-        if progress.due(step):
+        if progress.due(step) and is_main():
             val = held_out_loss(model, val_batches, on_cuda)
             curve["val_step"].append(step)
             curve["val_loss"].append(val)
             progress.line(step, epoch=epoch + 1, loss=loss.item(), held_out=val, lr=lr)
     train_seconds = time.time() - progress.start
+    if not is_main():  # the other data-parallel processes are done
+        return
 
     # ---- evaluation and outputs ----
     save_checkpoint(out / "model.pt", model, tokenizer=tokenizer,

@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gpt import configure_optimizer, cosine_lr, set_lr, update, shuffled_minibatches
+from gpt import (configure_optimizer, cosine_lr, is_main, local_share, main_process_first, set_lr, shuffled_minibatches,
+                 update)
 from kernels import bradley_terry_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, resolve_run,
                     run_parser, stage_dir, write_json, write_samples)
@@ -130,7 +131,8 @@ def main():
     print(f"preset {args.preset} on {device}: {config}")
 
     # ---- data ----
-    train_pairs, eval_pairs = preference_data(args.out, args.preset, args.seed, sft, sft_path, tokenizer)
+    with main_process_first():  # under torchrun, rank 0 builds the cached pairs and the others read them
+        train_pairs, eval_pairs = preference_data(args.out, args.preset, args.seed, sft, sft_path, tokenizer)
     data_stats = {"train": preference_stats(train_pairs), "eval": preference_stats(eval_pairs),
                   "settings": PREFERENCE_DATA[args.preset]}
     print(f"preference data: {data_stats['train']['pairs']} train pairs (label noise "
@@ -150,19 +152,22 @@ def main():
         lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            r_chosen, r_rejected = pair_rewards(reward_model, batch)
+            share, weight = local_share(batch)  # under torchrun: this process's share of the global batch
+            r_chosen, r_rejected = pair_rewards(reward_model, share)
         loss, accuracy = bradley_terry_loss(r_chosen.float(), r_rejected.float())
-        update(reward_model, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
+        update(reward_model, optimizer, loss * weight, config.grad_clip, step)  # NaN guard, backward, clip, step
         curve["step"].append(step)
         curve["loss"].append(loss.item())
         curve["accuracy"].append(accuracy.item())
-        if progress.due(step):
+        if progress.due(step) and is_main():
             held_out, _, _ = held_out_accuracy(reward_model, eval_pairs)
             curve["eval_step"].append(step)
             curve["eval_accuracy"].append(held_out)
             progress.line(step, epoch=epoch + 1, loss=loss.item(), train_acc=accuracy.item(),
                           held_out_acc=held_out, lr=lr)
     train_seconds = time.time() - progress.start
+    if not is_main():  # the other data-parallel processes are done
+        return
 
     # ---- evaluation: accuracy, normalisation, correlations, calibration ----
     accuracy, chosen, rejected = held_out_accuracy(reward_model, eval_pairs)

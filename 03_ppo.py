@@ -237,6 +237,20 @@ def series(curve, key):
     return [stats[key] for stats in curve]
 
 
+def smooth(values, window=5):
+    """Trailing moving average: one rollout's mean is noisy (64 prompts)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def binned(xs, ys, bins=6):
+    """Means of (x, y) over equal-count bins of x: the trend through a noisy scatter."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    groups = [order[b * len(order) // bins:(b + 1) * len(order) // bins] for b in range(bins)]
+    groups = [g for g in groups if g]
+    return ([sum(xs[i] for i in g) / len(g) for g in groups], [sum(ys[i] for i in g) / len(g) for g in groups])
+
+
 def main():
     args, config, device = parse_args()
     out = stage_dir(args.out, "ppo")
@@ -282,21 +296,22 @@ def main():
     print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
 
     steps = list(range(len(curve)))
-    overopt_panel = {"main run: RM reward": ([math.sqrt(max(k, 0)) for k in series(curve, "kl")],
-                                             series(curve, "rm_reward")),
-                     "main run: gold score": ([math.sqrt(max(k, 0)) for k in series(curve, "kl")],
-                                              series(curve, "gold"))}
-    if overopt:
-        low_kl_x = [math.sqrt(max(k, 0)) for k in series(overopt, "kl")]
-        overopt_panel.update({f"kl_coef {config.overopt_kl_coef}: RM reward": (low_kl_x, series(overopt, "rm_reward")),
-                              f"kl_coef {config.overopt_kl_coef}: gold score": (low_kl_x, series(overopt, "gold"))})
+    overopt_lines, overopt_points = {}, {}
+    for run, stats in (("main run", curve), (f"kl_coef {config.overopt_kl_coef}", overopt)):
+        if not stats:
+            continue
+        root_kl = [math.sqrt(max(k, 0.0)) for k in series(stats, "kl")]
+        for key, name in (("rm_reward", "RM reward"), ("gold", "gold score")):
+            overopt_points[f"{run}: {name}"] = (root_kl, series(stats, key))
+            overopt_lines[f"{run}: {name} (binned)"] = binned(root_kl, series(stats, key))
     plot_curves(out / "curves.png", {
-        "reward of the rollouts": {"x": "iteration", "y": "mean per reply",
-                                   "lines": {"RM reward (trained on)": (steps, series(curve, "rm_reward")),
-                                             "gold score (never seen)": (steps, series(curve, "gold"))}},
+        "reward of the rollouts": {"x": "iteration", "y": "mean per reply (moving average of 5)",
+                                   "lines": {"RM reward (trained on)": (steps, smooth(series(curve, "rm_reward"))),
+                                             "gold score (never seen)": (steps, smooth(series(curve, "gold")))}},
         "KL to the SFT model": {"x": "iteration", "y": "nats per reply (k1, rollouts)",
                                 "lines": {"KL": (steps, series(curve, "kl"))}},
-        "over-optimisation": {"x": "sqrt(KL to SFT)", "y": "mean per reply", "lines": overopt_panel},
+        "over-optimisation": {"x": "sqrt(KL to SFT) of the rollouts", "y": "mean per reply",
+                              "lines": overopt_lines, "points": overopt_points},
         "PPO health": {"x": "iteration", "y": "", "lines": {"clipfrac": (steps, series(curve, "clipfrac")),
                                                           "approx_kl": (steps, series(curve, "approx_kl"))}},
         "value model": {"x": "iteration", "y": "explained variance",

@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, cosine_lr, load_checkpoint, save_checkpoint, set_lr, update, shuffled_minibatches
+from gpt import (configure_optimizer, cosine_lr, is_main, load_checkpoint, local_share, main_process_first, save_checkpoint,
+                 set_lr, shuffled_minibatches, update)
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
                     resolve_run, run_parser, stage_dir, write_json, write_samples)
 from rl import (PREFERENCE_DATA, dpo_batch, implicit_reward_stats, preference_data, preference_stats,
@@ -98,7 +99,8 @@ def main():
     print(f"preset {args.preset} on {device}: {config}")
 
     # ---- data: the same cached pairs as 02; reference log-probs computed once ----
-    train_pairs, eval_pairs = preference_data(args.out, args.preset, args.seed, reference, sft_path, tokenizer)
+    with main_process_first():  # under torchrun, rank 0 builds (or reuses) the cache and the others read it
+        train_pairs, eval_pairs = preference_data(args.out, args.preset, args.seed, reference, sft_path, tokenizer)
     data_stats = {"train": preference_stats(train_pairs), "eval": preference_stats(eval_pairs),
                   "settings": PREFERENCE_DATA[args.preset]}
     print(f"{len(train_pairs)} train pairs (label noise {data_stats['train']['label_noise']:.1%}), "
@@ -119,6 +121,7 @@ def main():
     for step, (epoch, batch) in enumerate(shuffled_minibatches(order, config.batch_size, config.epochs, rng)):
         lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
+        batch, weight = local_share(batch)  # under torchrun: this process's share of the global batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, stats = dpo_batch(policy, [train_pairs[i] for i in batch], ref_train[0][batch],
                                     ref_train[1][batch], beta=config.beta, loss_type=config.loss,
@@ -127,12 +130,12 @@ def main():
             print(f"step-0 loss {loss.item():.6f} (ln 2 = {math.log(2):.6f}: the policy equals the reference)")
             tolerance = 0.05 if device.type == "cuda" else 1e-3  # bf16 rounding differs between batchings
             assert abs(loss.item() - math.log(2)) < tolerance, "at step 0 the policy is the reference: loss ln 2"
-        update(policy, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
+        update(policy, optimizer, loss * weight, config.grad_clip, step)  # NaN guard, backward, clip, step
         curve["step"].append(step)
         curve["loss"].append(loss.item())
         for key, value in stats.items():
             curve[key].append(value)
-        if progress.due(step):
+        if progress.due(step) and is_main():
             eval_acc, eval_margin = implicit_reward_stats(policy, eval_pairs, *ref_eval, config.beta)
             curve["eval_step"].append(step)
             curve["eval_acc"].append(eval_acc)
@@ -140,6 +143,8 @@ def main():
             progress.line(step, epoch=epoch + 1, loss=loss.item(), acc=stats["reward_acc"],
                           margin=stats["margin"], held_out_acc=eval_acc, held_out_margin=eval_margin, lr=lr)
     train_seconds = time.time() - progress.start
+    if not is_main():  # the other data-parallel processes are done
+        return
 
     # ---- evaluation and outputs ----
     save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,

@@ -79,7 +79,7 @@ class GRPOConfig:
 PRESETS = {
     "test": GRPOConfig(steps=4, n_groups=4, group_size=4, lr=1e-4, minibatch_size=8, max_new_tokens=48,
                        eval_samples=1, eval_max_new_tokens=48, log_every=1),
-    "cpu": GRPOConfig(steps=20, n_groups=32, group_size=8, lr=5e-5),
+    "cpu": GRPOConfig(steps=80, n_groups=32, group_size=8, lr=5e-5),
     "gpu": GRPOConfig(steps=100, n_groups=32, group_size=16, lr=2e-5, minibatch_size=128),
 }
 

@@ -14,7 +14,8 @@ training: the gold judge only measures the result (a test checks that).
        user: Now revise your reply.                                        assistant: <revision>
 
    (repeated for --rounds). The model is then fine-tuned on (request, final revision), with the
-   loss on the reply's tokens only.
+   loss on the reply's tokens only; a reply its own critique finds nothing wrong with is kept as it
+   is, and the model's own replies to other prompts are mixed in so it keeps what it could do.
 
 2. RL-CAI (RL from AI feedback). The SL-CAI model answers each prompt twice; then it is shown both
    replies and a principle, and asked which is better. Its label is the probability it gives to
@@ -64,6 +65,7 @@ from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids
 class CAIConfig:
     n_prompts: int  # SL-CAI prompts
     harmful_share: float  # of the prompts; the rest are benign requests
+    n_helpful: int  # the model's own replies to other prompts, mixed into SL-CAI (Bai et al. do the same)
     rounds: int  # critique-revision rounds
     sl_epochs: int
     sl_lr: float
@@ -84,12 +86,12 @@ class CAIConfig:
 
 
 PRESETS = {
-    "test": CAIConfig(n_prompts=32, harmful_share=0.6, rounds=1, sl_epochs=1, sl_lr=1e-4, n_pairs=32, principles=2,
+    "test": CAIConfig(n_prompts=32, harmful_share=0.6, n_helpful=16, rounds=1, sl_epochs=1, sl_lr=1e-4, n_pairs=32, principles=2,
                       min_confidence=0.0, beta=0.1, dpo_epochs=1, dpo_lr=1e-4, batch_size=16, max_new_tokens=32,
                       critique_tokens=24, eval_samples=1, eval_max_new_tokens=48, log_every=2),
-    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, rounds=1, sl_epochs=2, sl_lr=2e-4, n_pairs=800, principles=3,
-                     min_confidence=0.1, beta=0.5, dpo_epochs=2, dpo_lr=2e-5),
-    "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, rounds=2, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
+    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=600, rounds=1, sl_epochs=2, sl_lr=2e-4, n_pairs=1600, principles=3,
+                     min_confidence=0.1, beta=1.0, dpo_epochs=2, dpo_lr=2e-5),
+    "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, n_helpful=2000, rounds=2, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
                      principles=4, min_confidence=0.1, beta=0.5, dpo_epochs=2, dpo_lr=2e-5, batch_size=64),
 }
 
@@ -102,6 +104,7 @@ def parse_args():
     parser = run_parser(__doc__, PRESETS)
     parser.add_argument("--rounds", type=positive_int, default=None, help="critique-revision rounds")
     parser.add_argument("--principles", type=positive_int, default=None, help="principles per AI label (ensemble)")
+    parser.add_argument("--n-pairs", dest="n_pairs", type=positive_int, default=None, help="RL-CAI prompts (2 replies each)")
     parser.add_argument("--beta", type=positive_float, default=None, help="DPO beta of the RL-CAI phase")
     parser.add_argument("--no-debias", dest="debias_positions", action="store_false", default=None,
                         help="label each pair in one order only (shows the position bias)")
@@ -109,7 +112,7 @@ def parse_args():
     device = resolve_run(args, parser)
     if args.principles is not None and args.principles > len(PRINCIPLES):
         parser.error(f"--principles must be at most {len(PRINCIPLES)}")
-    return args, preset_config(PRESETS, args, ["rounds", "principles", "beta", "debias_positions"]), device
+    return args, preset_config(PRESETS, args, ["rounds", "principles", "n_pairs", "beta", "debias_positions"]), device
 
 
 # ---- data: red-team and benign prompts (only their text is used) ---------------------------------
@@ -151,6 +154,32 @@ def critique_and_revise(model, tokenizer, prompts, config, rng, seed):
         for record, pr, c, r in zip(records, principles, critiques, latest):
             record["rounds"].append({"principle": pr, "critique": c, "revision": r})
     return records
+
+
+def sl_target(record):
+    """(prompt, the reply to fine-tune on): the last revision, or the last reply the model's own critique
+    found nothing wrong with (a revision is only needed when the critique found a problem; revising a
+    fine reply anyway lets a small model drift off the request)."""
+    reply = record["reply"]
+    for round_ in record["rounds"]:
+        if world.GOOD_CRITIQUE in round_["critique"]:
+            break
+        reply = round_["revision"]
+    return record["prompt"], reply
+
+
+def helpful_replies(model, tokenizer, rng, n, seed):
+    """(prompt, reply) pairs: the model's own replies to n train prompts of every family but harmful
+    requests. Mixed into SL-CAI's fine-tuning so that it keeps what the model could already do (Bai et al.
+    mix in samples of their helpful model the same way)."""
+    tasks = []
+    while len(tasks) < n:
+        task = world.random_task(rng, "train")
+        if task.kind != "harmful":
+            tasks.append(task)
+    prompts = [t.prompt for t in tasks]
+    replies = world.continue_chats(model, tokenizer, [[user(p)] for p in prompts], seed=seed + 3)[2]
+    return list(zip(prompts, replies))
 
 
 def supervised_finetune(model, tokenizer, examples, config, rng, device):
@@ -307,9 +336,11 @@ def main():
     # ---- phase 1: SL-CAI ----
     prompts = [t.prompt for t in request_tasks(rng, config.n_prompts, config.harmful_share)]
     records = critique_and_revise(model, tokenizer, prompts, config, rng, args.seed)
-    final = [(r["prompt"], r["rounds"][-1]["revision"]) for r in records]
+    final = [sl_target(r) for r in records] + helpful_replies(model, tokenizer, rng, config.n_helpful, args.seed)
     examples = [(p, rev) for p, rev in final if rev.endswith(world.END) and world.strip_end(rev)[0]]
-    print(f"SL-CAI: {len(records)} prompts critiqued and revised; fine-tuning on {len(examples)} ended revisions")
+    revised = sum(rev != r["reply"] for r, (_, rev) in zip(records, final))
+    print(f"SL-CAI: {len(records)} prompts critiqued, {revised} replies revised; fine-tuning on {len(examples)} "
+          f"ended targets (with {config.n_helpful} of the model's own replies to other prompts)")
     sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
     sl_seconds = time.time() - start
     save_checkpoint(out / "sl_cai.pt", model, tokenizer=tokenizer, meta={"stage": "sl_cai", "config": asdict(config)})

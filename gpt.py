@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,13 +359,93 @@ def set_lr(optimizer, lr):
 
 def update(model, optimizer, loss, grad_clip, step):
     """One optimiser step on `loss`: stop with a one-line error if it is not finite (nothing is saved, so the
-    last good checkpoint stays), otherwise backpropagate, clip the gradient norm to grad_clip, step."""
-    if not torch.isfinite(loss):
+    last good checkpoint stays), otherwise backpropagate, average the gradients over data-parallel
+    processes (if any), clip the gradient norm to grad_clip, step."""
+    if not all_finite(loss):
         raise SystemExit(f"error: loss is {loss.item()} at step {step}; nothing saved. Try a lower --lr.")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(model)
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+
+
+# ---- data parallel over processes (torchrun --nproc_per_node=N) --------------------------------
+# Every process holds the whole model, builds the same global batch (same seed), keeps its own slice of
+# it, and averages gradients with the others before each step: N processes take the steps one process
+# takes on the global batch. One process (no torchrun) is the default, and then all of this is a no-op.
+
+def init_distributed(device):
+    """Join the process group when torchrun started us (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def world_info():
+    """(rank, number of processes); (0, 1) without torchrun."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    """True in the process that prints, evaluates and writes files (rank 0)."""
+    return world_info()[0] == 0
+
+
+def barrier():
+    if world_info()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+@contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (it builds a cache), then the others run it (and read the cache)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def local_slice(batch):
+    """This process's contiguous share of a global batch (a list or a tensor's first dimension)."""
+    rank, world = world_info()
+    return batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
+
+
+def local_share(batch):
+    """(this process's share of a list batch, the weight of its mean loss). Shares can differ in size (the
+    last batch of an epoch); weighting each mean by share size * processes / batch size makes the averaged
+    gradient that of the global mean. A process whose share is empty gets one example with weight 0, so
+    that it still takes part in the gradient average. One process: (batch, 1.0)."""
+    share, world = local_slice(batch), world_info()[1]
+    if not share:
+        return batch[:1], 0.0
+    return share, len(share) * world / len(batch)
+
+
+def average_gradients(model):
+    """Mean of every gradient over the processes (summed by all-reduce, divided by their number)."""
+    rank, world = world_info()
+    if world > 1:
+        import torch.distributed as dist
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def all_finite(loss):
+    """Whether the loss is finite in every process (so that all of them stop together, or none)."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if world_info()[1] > 1:
+        import torch.distributed as dist
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def cosine_lr(step, max_steps, peak_lr, warmup_steps, final_fraction=0.1):

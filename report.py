@@ -58,15 +58,19 @@ def preset_config(presets, args, overrides):
 
 def resolve_run(args, parser):
     """Fill in the defaults that depend on the machine and check the device. Returns torch.device."""
+    from gpt import init_distributed
+
     cuda = torch.cuda.is_available()
     args.preset = args.preset or ("gpu" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, one process per GPU
     try:
-        device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+        device = torch.device(args.device or (f"cuda:{local_rank}" if cuda else "cpu"))
     except RuntimeError:
         parser.error(f"--device {args.device!r} is not a device (try cpu, cuda or cuda:1)")
     if device.type == "cuda" and not cuda:
         parser.error("--device cuda was asked for but CUDA is not available")
-    torch.manual_seed(args.seed)
+    init_distributed(device)
+    torch.manual_seed(args.seed)  # the same seed in every process: the same initial weights
     return device
 
 
@@ -107,6 +111,9 @@ class Progress:
         return step % self.every == 0 or step == self.total - 1
 
     def line(self, step, **numbers):
+        from gpt import is_main
+        if not is_main():  # under torchrun only rank 0 prints
+            return
         elapsed = time.time() - self.start
         eta = elapsed / (step + 1) * (self.total - step - 1)
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items())
@@ -137,7 +144,8 @@ def read_json(path):
 def plot_curves(path, panels, title, columns=4):
     """One figure with a panel per entry of panels: {panel title: {"x": label, "y": label, and any of
     "lines": {legend: (xs, ys)}, "points": {legend: (xs, ys)} (a scatter), or "labels": [...] with
-    "bars": {legend: [value per label]}}}, at most `columns` panels per row. Saved as PNG."""
+    "bars": {legend: [value per label]}}}, at most `columns` panels per row. With both lines and points, the
+    i-th points share the i-th line's colour and legend. Saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,8 +160,10 @@ def plot_curves(path, panels, title, columns=4):
             draw_bars(ax, panel["labels"], panel["bars"])
         for legend, (xs, ys) in panel.get("lines", {}).items():
             ax.plot(xs, ys, label=legend, marker="o" if len(xs) < 20 else None)
+        if panel.get("lines") and panel.get("points"):
+            ax.set_prop_cycle(None)  # the i-th points take the colour of the i-th line
         for legend, (xs, ys) in panel.get("points", {}).items():
-            ax.scatter(xs, ys, label=legend, s=8, alpha=0.4)
+            ax.scatter(xs, ys, label=None if panel.get("lines") else legend, s=8, alpha=0.4)
         ax.set_title(panel_title)
         ax.set_xlabel(panel["x"])
         ax.set_ylabel(panel["y"])

@@ -111,7 +111,7 @@ def load_or_build_preferences(out, model, model_path, tokenizer, *, n_prompts, s
     world_source = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()[:16]
     signature = {"model": [stat.st_size, stat.st_mtime_ns], "world": world_source, "n_prompts": n_prompts,
                  "seed": seed, "rater_temperature": rater_temperature if split == "train" else 0.0,
-                 "bad_mix": bad_mix, "max_new_tokens": max_new_tokens, "device": str(model.lm_head.weight.device)}
+                 "bad_mix": bad_mix, "max_new_tokens": max_new_tokens, "device": model.lm_head.weight.device.type}
     path = Path(out) / "preferences" / f"{split}.json"
     if path.is_file():
         cached = read_json(path)
