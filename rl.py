@@ -405,8 +405,10 @@ def check_math_answer(task, response):
 
 
 def check_fact(task, response):
-    """Known place: the one value named is the knowledge base's. Unknown place: says it does not know and
-    names nothing. False premise: starts with "No" and names the true value only."""
+    """The fact in the reply is the knowledge base's.
+
+    Known place: the one value named is the truth. Unknown place: says it does not know and names nothing.
+    False premise: starts with "No" and names the true value only."""
     return world.verify(task, response)
 
 
