@@ -2,8 +2,9 @@
 
 Each stage runs as its own process with the same --preset/--out/--seed/--device, prints its own
 progress lines with an ETA, and the run stops at the first stage that fails. With --skip-done, a stage
-whose outputs are up to date (its metrics.json is newer than every input it reads and was written by
-the same preset) is skipped and says so; without it, every stage runs again.
+whose outputs are up to date (its metrics.json is newer than its script and the earlier stages' outputs it
+reads, and was written by the same preset) is skipped and says so; without it, every stage runs again.
+It does not look at the shared modules (gpt.py, rl.py, world.py, ...): after editing one, run without it.
 
     python run_all.py                     # the default preset: gpu if CUDA is available, else cpu
     python run_all.py --preset test       # the whole thing in a few minutes
