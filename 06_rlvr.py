@@ -73,7 +73,7 @@ class RLVRConfig:
 PRESETS = {
     "test": RLVRConfig(steps=3, n_groups=4, group_size=4, lr=1e-4, minibatch_size=8, max_new_tokens=48,
                        pass_k_samples=2, eval_samples=1, eval_max_new_tokens=48, log_every=1),
-    "cpu": RLVRConfig(steps=80, n_groups=32, group_size=8, lr=5e-5),
+    "cpu": RLVRConfig(steps=80, n_groups=48, group_size=8, lr=5e-5),
     "gpu": RLVRConfig(steps=80, n_groups=32, group_size=16, lr=2e-5, minibatch_size=128),
 }
 
