@@ -36,7 +36,7 @@ import world
 from gpt import (GPT, GPTConfig, configure_optimizer, cosine_lr, is_main, lm_loss, local_slice, main_process_first,
                  save_checkpoint, set_lr, update)
 from report import (Progress, plot_curves, positive_float, positive_int, preset_config, resolve_run, run_parser,
-                    stage_dir, write_json, write_samples)
+                    stage_dir, write_json, write_task_samples)
 from tokenizer import Tokenizer
 
 
@@ -201,9 +201,8 @@ def main():
                                       "validation": (curve["val_step"], curve["val_loss"])}}},
         title=f"00 pretraining ({args.preset} preset)")
     shown = world.sample_prompts(tasks)
-    write_samples(out / "samples.md", "Base model replies (one sample each, temperature 1)",
-                  [t.prompt for t in shown],
-                  {"base": [texts[tasks.index(t) * config.eval_samples] for t in shown]})
+    write_task_samples(out / "samples.md", "Base model replies (one sample each, temperature 1)", tasks, shown,
+                       {"base": texts}, config.eval_samples)
     print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
 
 

@@ -35,8 +35,8 @@ import torch
 import world
 from gpt import (configure_optimizer, cosine_lr, is_main, lm_loss, local_share, save_checkpoint, set_lr,
                  shuffled_minibatches, update)
-from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config,
-                    read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_samples)
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
+                    read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -182,9 +182,7 @@ def main():
                    device=str(device), n_demos=len(demos))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
-    print("base -> SFT on the eval suite:")
-    for key in world.METRIC_NAMES:
-        print(f"  {key:<22} {base_metrics[key]:8.3f} -> {metrics[key]:8.3f}")
+    print_comparison({"base": base_metrics, "SFT": metrics}, world.METRIC_NAMES)
     print(f"  win rate vs base       {metrics['win_rate_vs_base']:.3f}")
     plot_curves(out / "curves.png", {
         "assistant-token loss": {"x": "step", "y": "cross-entropy (nats/token)",
@@ -193,11 +191,8 @@ def main():
         "eval suite: base vs SFT": bar_panel(base_metrics, metrics)},
         title=f"01 SFT ({args.preset} preset)")
     shown = world.sample_prompts(tasks)
-    index = {id(t): i for i, t in enumerate(tasks)}
-    write_samples(out / "samples.md", "The same prompts answered by the base and the SFT model (temperature 1)",
-                  [t.prompt for t in shown],
-                  {"base": [base_texts[index[id(t)] * config.eval_samples] for t in shown],
-                   "SFT": [texts[index[id(t)] * config.eval_samples] for t in shown]})
+    write_task_samples(out / "samples.md", "The same prompts answered by the base and the SFT model (temperature 1)", tasks, shown,
+                       {"base": base_texts, "SFT": texts}, config.eval_samples)
     print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
 
 

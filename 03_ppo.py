@@ -47,10 +47,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, load_checkpoint, save_checkpoint, shuffled_minibatches, update
+from gpt import configure_optimizer, save_checkpoint, shuffled_minibatches, update
 from kernels import gae_advantages, kl_penalty, masked_mean, masked_whiten, ppo_value_loss
-from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
-                    resolve_run, run_parser, stage_dir, write_json, write_samples)
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
+                    read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import ClipConfig, clipped_policy_update, load_reward_stage, mean_stats, rollout_log_probs, sample_rollout
 
 
@@ -254,10 +254,8 @@ def binned(xs, ys, bins=6):
 def main():
     args, config, device = parse_args()
     out = stage_dir(args.out, "ppo")
-    reference, tokenizer, _ = load_stage(args.out, "sft", device)
-    reward_model, _, _ = load_reward_stage(args.out, device)
-    reference.requires_grad_(False)
-    reward_model.requires_grad_(False)
+    reference, tokenizer, _ = load_stage(args.out, "sft", device, frozen=True)
+    reward_model, _, _ = load_reward_stage(args.out, device, frozen=True)
     sft_texts = read_stage_json(args.out, "sft", "eval_texts.json")
     sft_metrics = read_stage_json(args.out, "sft", "metrics.json")
     print(f"preset {args.preset} on {device}: {config}")
@@ -290,10 +288,7 @@ def main():
                    preset=args.preset, device=str(device))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
-    print("SFT -> PPO on the eval suite:")
-    for key in world.METRIC_NAMES:
-        print(f"  {key:<22} {sft_metrics[key]:8.3f} -> {metrics[key]:8.3f}")
-    print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
+    print_comparison({"SFT": sft_metrics, "PPO": metrics}, world.METRIC_NAMES)
 
     steps = list(range(len(curve)))
     overopt_lines, overopt_points = {}, {}
@@ -321,11 +316,8 @@ def main():
     }, title=f"03 PPO ({args.preset} preset, kl_coef {config.kl_coef}): win rate vs SFT "
              f"{metrics['win_rate_vs_sft']:.2f}, KL {metrics['kl_to_sft']:.2f}")
     shown = world.sample_prompts(tasks)
-    index = {id(t): i for i, t in enumerate(tasks)}
-    write_samples(out / "samples.md", "The same prompts answered by the SFT and the PPO model (temperature 1)",
-                  [t.prompt for t in shown],
-                  {"SFT": [sft_texts[index[id(t)] * config.eval_samples] for t in shown],
-                   "PPO": [texts[index[id(t)] * config.eval_samples] for t in shown]})
+    write_task_samples(out / "samples.md", "The same prompts answered by the SFT and the PPO model (temperature 1)", tasks, shown,
+                       {"SFT": sft_texts, "PPO": texts}, config.eval_samples)
     print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
 
 

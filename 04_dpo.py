@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (configure_optimizer, cosine_lr, is_main, load_checkpoint, local_share, main_process_first, save_checkpoint,
+from gpt import (configure_optimizer, cosine_lr, is_main, local_share, main_process_first, save_checkpoint,
                  set_lr, shuffled_minibatches, update)
-from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
-                    resolve_run, run_parser, stage_dir, write_json, write_samples)
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
+                    read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import (PREFERENCE_DATA, dpo_batch, implicit_reward_stats, preference_data, preference_stats,
                 reference_log_probs)
 
@@ -92,8 +92,7 @@ def main():
     out = stage_dir(args.out, "dpo")
     sft_path = stage_dir(args.out, "sft") / "model.pt"
     policy, tokenizer, _ = load_stage(args.out, "sft", device)
-    reference, _, _ = load_checkpoint(sft_path, device)  # frozen copy of the SFT model
-    reference.requires_grad_(False)
+    reference, _, _ = load_stage(args.out, "sft", device, frozen=True)  # a frozen copy of the SFT model
     sft_texts = read_stage_json(args.out, "sft", "eval_texts.json")
     sft_metrics = read_stage_json(args.out, "sft", "metrics.json")
     print(f"preset {args.preset} on {device}: {config}")
@@ -159,10 +158,7 @@ def main():
                    train_seconds=train_seconds, preset=args.preset, device=str(device))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
-    print("SFT -> DPO on the eval suite:")
-    for key in world.METRIC_NAMES:
-        print(f"  {key:<22} {sft_metrics[key]:8.3f} -> {metrics[key]:8.3f}")
-    print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
+    print_comparison({"SFT": sft_metrics, "DPO": metrics}, world.METRIC_NAMES)
     plot_curves(out / "curves.png", {
         "DPO loss": {"x": "step", "y": "loss", "lines": {"train batch": (curve["step"], curve["loss"]),
                                                          "ln 2 (step 0)": ([0, max_steps - 1], [math.log(2)] * 2)}},
@@ -178,11 +174,8 @@ def main():
         title=f"04 DPO ({args.preset} preset, {config.loss}, beta {config.beta}): "
               f"win rate vs SFT {metrics['win_rate_vs_sft']:.2f}, KL {metrics['kl_to_sft']:.2f}")
     shown = world.sample_prompts(tasks)
-    index = {id(t): i for i, t in enumerate(tasks)}
-    write_samples(out / "samples.md", "The same prompts answered by the SFT and the DPO model (temperature 1)",
-                  [t.prompt for t in shown],
-                  {"SFT": [sft_texts[index[id(t)] * config.eval_samples] for t in shown],
-                   "DPO": [texts[index[id(t)] * config.eval_samples] for t in shown]})
+    write_task_samples(out / "samples.md", "The same prompts answered by the SFT and the DPO model (temperature 1)", tasks, shown,
+                       {"SFT": sft_texts, "DPO": texts}, config.eval_samples)
     print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
 
 

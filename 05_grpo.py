@@ -42,12 +42,10 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 import world
-from gpt import configure_optimizer, load_checkpoint, save_checkpoint
-from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
-                    resolve_run, run_parser, stage_dir, write_json, write_samples)
+from gpt import configure_optimizer, save_checkpoint
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
+                    read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import ClipConfig, grpo_step, training_state_bytes, verifiable_reward
 
 
@@ -126,8 +124,7 @@ def main():
     args, config, device = parse_args()
     out = stage_dir(args.out, "grpo")
     policy, tokenizer, _ = load_stage(args.out, "sft", device)
-    reference, _, _ = load_checkpoint(stage_dir(args.out, "sft") / "model.pt", device)
-    reference.requires_grad_(False)
+    reference, _, _ = load_stage(args.out, "sft", device, frozen=True)
     sft_texts = read_stage_json(args.out, "sft", "eval_texts.json")
     sft_metrics = read_stage_json(args.out, "sft", "metrics.json")
     print(f"preset {args.preset} on {device}: {config}")
@@ -169,10 +166,7 @@ def main():
                    curve={key: [s[key] for s in curve] for key in curve[0]}, preset=args.preset, device=str(device))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
-    print("SFT -> GRPO on the eval suite:")
-    for key in world.METRIC_NAMES:
-        print(f"  {key:<22} {sft_metrics[key]:8.3f} -> {metrics[key]:8.3f}")
-    print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
+    print_comparison({"SFT": sft_metrics, "GRPO": metrics}, world.METRIC_NAMES)
     print(f"model state in memory: GRPO {grpo_bytes / 2**20:.1f} MiB (policy + reference) vs PPO "
           f"{ppo_bytes / 2**20:.1f} MiB (+ value model + reward model); activations not counted")
 
@@ -197,11 +191,8 @@ def main():
     }, title=f"05 GRPO ({args.preset} preset, {config.loss_agg}, scale {config.scale}): math accuracy "
              f"{sft_metrics['math_acc']:.2f} -> {metrics['math_acc']:.2f}")
     shown = [t for t in world.sample_prompts(tasks, per_kind=6) if t.family == "math"]
-    index = {id(t): i for i, t in enumerate(tasks)}
-    write_samples(out / "samples.md", "The same math problems answered by the SFT and the GRPO model (temperature 1)",
-                  [t.prompt for t in shown],
-                  {"SFT": [sft_texts[index[id(t)] * config.eval_samples] for t in shown],
-                   "GRPO": [texts[index[id(t)] * config.eval_samples] for t in shown]})
+    write_task_samples(out / "samples.md", "The same math problems answered by the SFT and the GRPO model (temperature 1)", tasks, shown,
+                       {"SFT": sft_texts, "GRPO": texts}, config.eval_samples)
     print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
 
 

@@ -41,9 +41,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import world
-from gpt import configure_optimizer, load_checkpoint, save_checkpoint
-from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
-                    resolve_run, run_parser, stage_dir, write_json, write_samples)
+from gpt import configure_optimizer, save_checkpoint
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
+                    read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import CHECKERS, ClipConfig, grpo_step, load_reward_stage, sample_rollout, verifiable_reward
 
 
@@ -173,10 +173,8 @@ def main():
     args, config, device = parse_args()
     out = stage_dir(args.out, "rlvr")
     sft_model, tokenizer, _ = load_stage(args.out, "sft", device)
-    reference, _, _ = load_checkpoint(stage_dir(args.out, "sft") / "model.pt", device)
-    reference.requires_grad_(False)
-    reward_model, _, _ = load_reward_stage(args.out, device)
-    reward_model.requires_grad_(False)
+    reference, _, _ = load_stage(args.out, "sft", device, frozen=True)
+    reward_model, _, _ = load_reward_stage(args.out, device, frozen=True)
     sft_texts = read_stage_json(args.out, "sft", "eval_texts.json")
     sft_metrics = read_stage_json(args.out, "sft", "metrics.json")
     print(f"preset {args.preset} on {device}: {config}")
@@ -207,10 +205,7 @@ def main():
                    device=str(device))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
-    print("SFT -> RLVR on the eval suite:")
-    for key in world.METRIC_NAMES:
-        print(f"  {key:<22} {sft_metrics[key]:8.3f} -> {metrics[key]:8.3f}")
-    print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
+    print_comparison({"SFT": sft_metrics, "RLVR": metrics}, world.METRIC_NAMES)
     print("verifier accuracy (pass@1 from samples) on the eval suite's checkable tasks:")
     for name, accuracy in metrics["verifier_accuracy"].items():
         print(f"  {name:<18} math {accuracy['math']:.3f}   facts {accuracy['facts']:.3f}")
@@ -233,11 +228,8 @@ def main():
              f"{pass_k['RLVR (verifier)']['math'][1]:.2f}, facts {pass_k['SFT']['facts'][1]:.2f} -> "
              f"{pass_k['RLVR (verifier)']['facts'][1]:.2f} (pass@1)", columns=3)
     shown = [t for t in world.sample_prompts(tasks, per_kind=3) if t.family in ("math", "facts")]
-    index = {id(t): i for i, t in enumerate(tasks)}
-    write_samples(out / "samples.md", "The same checkable prompts answered by SFT and by RLVR (temperature 1)",
-                  [t.prompt for t in shown],
-                  {"SFT": [sft_texts[index[id(t)] * config.eval_samples] for t in shown],
-                   "RLVR": [texts[index[id(t)] * config.eval_samples] for t in shown]})
+    write_task_samples(out / "samples.md", "The same checkable prompts answered by SFT and by RLVR (temperature 1)", tasks, shown,
+                       {"SFT": sft_texts, "RLVR": texts}, config.eval_samples)
     print(f"wrote {out}/model.pt, metrics.json, curves.png, samples.md")
 
 

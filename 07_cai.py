@@ -51,11 +51,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, cosine_lr, load_checkpoint, response_log_probs, save_checkpoint, set_lr, update
-from gpt import shuffled_minibatches
+from gpt import (configure_optimizer, cosine_lr, load_checkpoint, response_log_probs, save_checkpoint, set_lr,
+                 shuffled_minibatches, update)
 from kernels import masked_mean
-from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, read_stage_json,
-                    resolve_run, run_parser, stage_dir, write_json, write_samples)
+from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
+                    read_stage_json, resolve_run, run_parser, stage_dir, write_json)
 from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids
 
 
@@ -325,8 +325,7 @@ def main():
     args, config, device = parse_args()
     out = stage_dir(args.out, "cai")
     model, tokenizer, _ = load_stage(args.out, "sft", device)
-    sft_reference, _, _ = load_checkpoint(stage_dir(args.out, "sft") / "model.pt", device)
-    sft_reference.requires_grad_(False)
+    sft_reference, _, _ = load_stage(args.out, "sft", device, frozen=True)
     sft_texts = read_stage_json(args.out, "sft", "eval_texts.json")
     sft_metrics = read_stage_json(args.out, "sft", "metrics.json")
     print(f"preset {args.preset} on {device}: {config}")
@@ -347,7 +346,7 @@ def main():
 
     # ---- phase 2: RL-CAI, DPO on the model's own labels ----
     sl_reference, _, _ = load_checkpoint(out / "sl_cai.pt", device)
-    sl_reference.requires_grad_(False)
+    sl_reference.requires_grad_(False)  # the reference of the RL-CAI phase
     rl_tasks = request_tasks(rng, config.n_pairs, config.harmful_share)
     pairs, label_stats = ai_feedback_pairs(sl_reference, tokenizer, [t.prompt for t in rl_tasks], config, rng,
                                            args.seed + 1)
@@ -380,10 +379,7 @@ def main():
                    preset=args.preset, device=str(device))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
-    print("SFT -> SL-CAI -> RL-CAI on the eval suite:")
-    for key in world.METRIC_NAMES:
-        print(f"  {key:<22} {sft_metrics[key]:8.3f} -> {eval_sl['metrics'][key]:8.3f} -> {metrics[key]:8.3f}")
-    print(f"  win rate vs SFT        {metrics['win_rate_vs_sft']:.3f}   KL to SFT {metrics['kl_to_sft']:.3f} nats")
+    print_comparison({"SFT": sft_metrics, "SL-CAI": eval_sl["metrics"], "RL-CAI": metrics}, world.METRIC_NAMES)
     print(f"AI labels agree with the gold judge on {agreement:.1%} of {judged} pairs it can tell apart")
     for stage, report in metrics["over_refusal"].items():
         print(f"  {stage:<7} refuses {report['benign_refused']:.1%} of benign requests, "

@@ -78,13 +78,17 @@ def stage_dir(out, stage):
     return Path(out) / stage
 
 
-def load_stage(out, stage, device):
-    """(model, tokenizer, meta) of an earlier stage's model.pt, or exit with one line saying what to run."""
+def load_stage(out, stage, device, *, frozen=False, loader=None):
+    """(model, tokenizer, meta) of an earlier stage's model.pt, or exit with one line saying what to run.
+
+    frozen: no gradients (a reference or a reward model). loader: how to read the file (default
+    gpt.load_checkpoint; rl.load_reward_model for 02's reward model)."""
     from gpt import load_checkpoint
 
     path = stage_dir(out, stage) / "model.pt"
     try:
-        return load_checkpoint(path, device)
+        model, tokenizer, meta = (loader or load_checkpoint)(path, device)
+        return model.requires_grad_(not frozen), tokenizer, meta
     except FileNotFoundError:
         raise SystemExit(f"error: {path} not found: run `python {STAGE_SCRIPTS[stage]}` first (with the same --out)")
     except ValueError as error:
@@ -184,6 +188,25 @@ def draw_bars(ax, labels, series):
     ax.set_yticks([y + 0.4 - height / 2 for y in range(len(labels))])
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
+
+
+def print_comparison(columns, keys):
+    """The eval-suite metrics of several models side by side (columns = {model name: metrics}), and the last
+    model's win rate and KL against SFT when it has them."""
+    print(f"{' -> '.join(columns)} on the eval suite:")
+    for key in keys:
+        print(f"  {key:<22} " + " -> ".join(f"{metrics[key]:8.3f}" for metrics in columns.values()))
+    last = list(columns.values())[-1]
+    if "win_rate_vs_sft" in last:
+        print(f"  win rate vs SFT        {last['win_rate_vs_sft']:.3f}   KL to SFT {last['kl_to_sft']:.3f} nats")
+
+
+def write_task_samples(path, title, tasks, shown, replies, samples):
+    """samples.md for eval tasks: each model's first sampled reply to each task in `shown`.
+    replies = {model name: its eval texts, `samples` per task, in the order of `tasks`}."""
+    index = {id(t): i for i, t in enumerate(tasks)}
+    write_samples(path, title, [t.prompt for t in shown],
+                  {name: [texts[index[id(t)] * samples] for t in shown] for name, texts in replies.items()})
 
 
 def write_samples(path, title, prompts, columns):

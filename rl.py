@@ -18,7 +18,8 @@ import torch.nn as nn
 
 import world
 from gpt import load_checkpoint, pack_sequences, response_log_probs, save_checkpoint, shuffled_minibatches, update
-from report import read_json, write_json
+from kernels import dpo_loss, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
+from report import load_stage, read_json, write_json
 
 # ---------------------------------------------------------------------------------------------
 # Preference data: pairs of replies to one prompt, labelled by the (noisy) gold rater
@@ -195,15 +196,9 @@ def save_reward_model(path, reward_model, tokenizer, meta):
     save_checkpoint(path, reward_model.gpt, tokenizer=tokenizer, meta={**meta, "reward_head": head})
 
 
-def load_reward_stage(out, device):
+def load_reward_stage(out, device, frozen=False):
     """02's reward model from <out>/reward_model/model.pt, or exit with one line saying what to run."""
-    path = Path(out) / "reward_model" / "model.pt"
-    try:
-        return load_reward_model(path, device)
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path} not found: run `python 02_reward_model.py` first (with the same --out)")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}: run `python 02_reward_model.py` again")
+    return load_stage(out, "reward_model", device, frozen=frozen, loader=load_reward_model)
 
 
 def load_reward_model(path, device):
@@ -262,8 +257,6 @@ def reference_log_probs(model, pairs, batch_size=64):
 def dpo_batch(policy, pairs, ref_chosen, ref_rejected, *, beta, loss_type="sigmoid", label_smoothing=0.0):
     """The DPO loss of a batch of pairs and what to log about it (implicit-reward accuracy and margin,
     the summed log-probs of the chosen and rejected replies)."""
-    from kernels import dpo_loss
-
     pi_chosen, pi_rejected = pair_log_probs(policy, pairs)  # (B,), (B,) summed over reply tokens
     loss, chosen_rewards, rejected_rewards = dpo_loss(
         pi_chosen, pi_rejected, ref_chosen.to(pi_chosen.device), ref_rejected.to(pi_chosen.device),
@@ -366,8 +359,6 @@ def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask
     broadcast over its tokens by the caller). Returns one stats dict per minibatch, in order: the first
     minibatch sees the policy that sampled the rollout, so its ratio is 1 and its clipfrac 0.
     """
-    from kernels import kl_penalty, masked_mean, ppo_policy_loss
-
     history = []
     for _, batch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
         rows = torch.tensor(batch, device=old_logp.device)
@@ -485,8 +476,6 @@ def grpo_step(policy, optimizer, reference, tokenizer, draw_tasks, reward_fn, cl
 
     Returns (stats, rollout): the stats of the step and the rollout it trained on.
     """
-    from kernels import group_advantages, masked_mean
-
     start = time.time()
     rollout, rewards, sample_stats = sample_groups(
         policy, tokenizer, draw_tasks, reward_fn, n_groups=n_groups, group_size=group_size,

@@ -17,11 +17,16 @@ def draw_math(seed=0):
     return lambda n: [world.make_task("math", "arithmetic", rng, "train") for _ in range(n)]
 
 
-def test_a_group_with_identical_rewards_gets_zero_advantage_and_the_batch_still_trains(toy_tokenizer, make_gpt):
+def policy_reference_and_optimizer(make_gpt):
+    """A tiny policy in train mode, a frozen copy of it, an AdamW, and the policy's weights before any step."""
     policy, reference = make_gpt(seed=1), make_gpt(seed=1)
     policy.train()
     before = [p.detach().clone() for p in policy.parameters()]
-    optimizer = configure_optimizer(policy, 1e-2, weight_decay=0.0)
+    return policy, reference, configure_optimizer(policy, 1e-2, weight_decay=0.0), before
+
+
+def test_a_group_with_identical_rewards_gets_zero_advantage_and_the_batch_still_trains(toy_tokenizer, make_gpt):
+    policy, reference, optimizer, before = policy_reference_and_optimizer(make_gpt)
     clip = rl.ClipConfig(epochs=1, minibatch_size=8, kl_beta=0.0)
     stats, rollout = rl.grpo_step(policy, optimizer, reference, toy_tokenizer, draw_math(), lambda r: [1.0] * len(r),
                                   clip, random.Random(0), n_groups=3, group_size=4, max_new_tokens=8)
@@ -31,10 +36,7 @@ def test_a_group_with_identical_rewards_gets_zero_advantage_and_the_batch_still_
 
 
 def test_varied_rewards_move_the_policy(toy_tokenizer, make_gpt):
-    policy, reference = make_gpt(seed=1), make_gpt(seed=1)
-    policy.train()
-    before = [p.detach().clone() for p in policy.parameters()]
-    optimizer = configure_optimizer(policy, 1e-2, weight_decay=0.0)
+    policy, reference, optimizer, before = policy_reference_and_optimizer(make_gpt)
     clip = rl.ClipConfig(epochs=1, minibatch_size=8, kl_beta=0.1)
 
     def reward(rollout):  # varies within groups
