@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (configure_optimizer, cosine_lr, is_main, lm_loss, local_share, save_checkpoint, set_lr,
+from gpt import (configure_optimizer, cosine_lr, is_main, lm_loss, local_token_share, save_checkpoint, set_lr,
                  shuffled_minibatches, update)
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
@@ -98,6 +98,11 @@ def pad_batch(examples, device):
     return x.to(device), y.to(device)
 
 
+def loss_tokens(example):
+    """How many tokens of an (ids, targets) example the loss is taken on."""
+    return sum(t != -100 for t in example[1])
+
+
 # ---- method -------------------------------------------------------------------------------------
 
 def assistant_loss(model, x, y):
@@ -153,9 +158,8 @@ def main():
     for step, (epoch, batch) in enumerate(shuffled_minibatches(train, config.batch_size, config.epochs, rng)):
         lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
-        # under torchrun each process takes its share; the loss is its own token mean (the usual data-parallel
-        # approximation: shares with fewer reply tokens weigh each token a little more than one process would)
-        share, weight = local_share(batch)
+        # under torchrun each process takes its share, weighted by its share of the batch's loss tokens
+        share, weight = local_token_share(batch, loss_tokens)
         x, y = pad_batch(share, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
             loss = assistant_loss(model, x, y)

@@ -47,11 +47,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, save_checkpoint, shuffled_minibatches, update
+from gpt import average_over_processes, configure_optimizer, is_main, local_share, save_checkpoint, shuffled_minibatches, update
 from kernels import gae_advantages, kl_penalty, masked_mean, masked_whiten, ppo_value_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
-from rl import ClipConfig, clipped_policy_update, load_reward_stage, mean_stats, rollout_log_probs, sample_rollout
+from rl import (ClipConfig, clipped_policy_update, first_minibatch, load_reward_stage, mean_stats, rollout_log_probs,
+                sample_rollout, share_weights)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -146,7 +147,8 @@ def rollout_values(value_model, rollout, width, batch_size=64):
 def update_value_model(value_model, optimizer, rollout, old_values, returns, mask, config, rng, step):
     """config.epochs passes of the clipped value loss over shuffled minibatches. -> mean loss"""
     losses = []
-    for _, batch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
+    for _, whole in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
+        batch, weight = local_share(whole)  # under torchrun: this process's rows of the minibatch
         rows = torch.tensor(batch, device=returns.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=returns.is_cuda):
             values = value_model.token_values([rollout.prompts[i] for i in batch],
@@ -154,9 +156,10 @@ def update_value_model(value_model, optimizer, rollout, old_values, returns, mas
         width = values.shape[1]
         loss = ppo_value_loss(values, old_values[rows, :width], returns[rows, :width], mask[rows, :width],
                               clip=config.value_clip)
-        update(value_model, optimizer, loss, config.grad_clip, step)
+        update(value_model, optimizer, loss * share_weights(whole, batch, weight, mask)["token_mean"], config.grad_clip,
+               step)
         losses.append(loss.item())
-    return sum(losses) / len(losses)
+    return average_over_processes({"loss": sum(losses) / len(losses)})["loss"]
 
 
 def adapt_kl_coef(kl_coef, kl, config):
@@ -172,8 +175,8 @@ def ppo_iteration(models, optimizers, tokenizer, config, kl_coef, rng, iteration
     policy, value_model, reference, reward_model = models
     tasks = [world.random_task(rng, "train") for _ in range(config.batch_size)]
     start = time.time()
-    rollout = sample_rollout(policy, tokenizer, tasks, temperature=config.temperature,
-                             max_new_tokens=config.max_new_tokens, seed=seed + 1000 * iteration)
+    rollout = sample_rollout(policy, tokenizer, tasks, temperature=config.temperature,  # split under torchrun
+                             max_new_tokens=config.max_new_tokens, seed=seed + 1000 * iteration, shared=True)
     rollout_seconds = time.time() - start
 
     # ---- score the rollout: old and reference log-probs, RM scores, values (no gradients) ----
@@ -201,7 +204,7 @@ def ppo_iteration(models, optimizers, tokenizer, config, kl_coef, rng, iteration
             "gold": sum(world.gold_score(t, r) for t, r in zip(rollout.tasks, rollout.texts)) / len(rollout),
             "length": mask.sum(dim=1).mean().item(), "ended": ended.float().mean().item(),
             "explained_variance": explained_variance(old_values, returns, mask), "value_loss": value_loss,
-            "first_ratio": history[0]["ratio_mean"], "first_clipfrac": history[0]["clipfrac"],
+            **first_minibatch(history),
             "tokens_per_s": mask.sum().item() / rollout_seconds, "kl_coef": kl_coef, **mean_stats(history)}
 
 
@@ -265,13 +268,16 @@ def main():
     policy, curve = train_ppo(args, config, (reference, reward_model), tokenizer, device, kl_coef=config.kl_coef,
                               iterations=config.iterations, label="main")
     train_seconds = time.time() - start
-    save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
-                    meta={"stage": "ppo", "preset": args.preset, "config": asdict(config)})
+    if is_main():
+        save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
+                        meta={"stage": "ppo", "preset": args.preset, "config": asdict(config)})
     overopt = []
     if config.overopt_iters:
         low_kl = PPOConfig(**{**asdict(config), "kl_target": 0.0})
         _, overopt = train_ppo(args, low_kl, (reference, reward_model), tokenizer, device,
                                kl_coef=config.overopt_kl_coef, iterations=config.overopt_iters, label="low-kl")
+    if not is_main():  # the other data-parallel processes are done
+        return
 
     # ---- evaluation and outputs ----
     tasks = world.eval_suite(args.seed)
@@ -313,6 +319,8 @@ def main():
                         "lines": {"explained variance": (steps, series(curve, "explained_variance"))}},
         "entropy": {"x": "iteration", "y": "nats per token", "lines": {"entropy": (steps, series(curve, "entropy"))}},
         "reply length": {"x": "iteration", "y": "tokens", "lines": {"mean length": (steps, series(curve, "length"))}},
+        "rollout throughput": {"x": "iteration", "y": "generated tokens per second (KV cache)",
+                               "lines": {"tokens/s": (steps, series(curve, "tokens_per_s"))}},
     }, title=f"03 PPO ({args.preset} preset, kl_coef {config.kl_coef}): win rate vs SFT "
              f"{metrics['win_rate_vs_sft']:.2f}, KL {metrics['kl_to_sft']:.2f}")
     shown = world.sample_prompts(tasks)

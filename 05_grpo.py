@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import world
-from gpt import configure_optimizer, save_checkpoint
+from gpt import configure_optimizer, is_main, save_checkpoint
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import ClipConfig, grpo_step, training_state_bytes, verifiable_reward
@@ -150,6 +150,8 @@ def main():
                           entropy=stats["entropy"], len_right=stats["len_correct"], len_wrong=stats["len_wrong"],
                           kl=stats["kl"], tok_s=round(stats["tokens_per_s"]))
     train_seconds = time.time() - progress.start
+    if not is_main():  # under torchrun, the other data-parallel processes are done
+        return
     save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
                     meta={"stage": "grpo", "preset": args.preset, "config": asdict(config)})
 

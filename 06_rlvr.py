@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import world
-from gpt import configure_optimizer, save_checkpoint
+from gpt import configure_optimizer, is_main, save_checkpoint
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import CHECKERS, ClipConfig, grpo_step, load_reward_stage, sample_rollout, verifiable_reward
@@ -185,10 +185,13 @@ def main():
     policy, verifier_curve = train_rlvr(args, config, checker_reward(config.format_weight),
                                         (reference, reward_model), device, "verifier")
     verifier_seconds = time.time() - start
-    save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
-                    meta={"stage": "rlvr", "preset": args.preset, "config": asdict(config)})
+    if is_main():
+        save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
+                        meta={"stage": "rlvr", "preset": args.preset, "config": asdict(config)})
     rm_policy, rm_curve = train_rlvr(args, config, learned_reward(reward_model), (reference, reward_model), device,
                                      "reward model")
+    if not is_main():  # under torchrun, the other data-parallel processes are done
+        return
 
     # ---- evaluation: the eval suite, and pass@k on its checkable tasks before and after ----
     tasks = world.eval_suite(args.seed)

@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (configure_optimizer, cosine_lr, load_checkpoint, response_log_probs, save_checkpoint, set_lr,
-                 shuffled_minibatches, update)
+from gpt import (barrier, configure_optimizer, cosine_lr, is_main, load_checkpoint, local_share, local_token_share,
+                 process_seed, response_log_probs, save_checkpoint, set_lr, shared_work, shuffled_minibatches, update)
 from kernels import masked_mean
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json)
@@ -137,8 +137,9 @@ def assistant(text):
 def critique_and_revise(model, tokenizer, prompts, config, rng, seed):
     """Sample a reply to each prompt, then `rounds` of self-critique and revision.
     Returns a list of dicts: prompt, reply, and per round the principle, critique and revision."""
-    def reply_to(chats, max_new_tokens, offset):
-        return world.continue_chats(model, tokenizer, chats, max_new_tokens=max_new_tokens, seed=seed + offset)[2]
+    def reply_to(chats, max_new_tokens, offset):  # under torchrun each process writes its share of the replies
+        return shared_work(lambda some: world.continue_chats(model, tokenizer, some, max_new_tokens=max_new_tokens,
+                                                             seed=process_seed(seed + offset))[2], chats)
 
     chats = [[user(p)] for p in prompts]
     replies = reply_to(chats, config.max_new_tokens, 0)
@@ -178,7 +179,8 @@ def helpful_replies(model, tokenizer, rng, n, seed):
         if task.kind != "harmful":
             tasks.append(task)
     prompts = [t.prompt for t in tasks]
-    replies = world.continue_chats(model, tokenizer, [[user(p)] for p in prompts], seed=seed + 3)[2]
+    replies = shared_work(lambda some: world.continue_chats(model, tokenizer, some, seed=process_seed(seed + 3))[2],
+                          [[user(p)] for p in prompts])
     return list(zip(prompts, replies))
 
 
@@ -190,12 +192,13 @@ def supervised_finetune(model, tokenizer, examples, config, rng, device):
     model.train()
     losses = []
     progress = Progress(max_steps, config.log_every)
-    for step, (_, batch) in enumerate(shuffled_minibatches(data, config.batch_size, config.sl_epochs, rng)):
+    for step, (_, whole) in enumerate(shuffled_minibatches(data, config.batch_size, config.sl_epochs, rng)):
         set_lr(optimizer, cosine_lr(step, max_steps, config.sl_lr, warmup_steps=5))
+        batch, weight = local_token_share(whole, lambda item: len(item[1]))  # under torchrun: this process's share
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logp, mask = response_log_probs(model, [p for p, _ in batch], [r for _, r in batch])
             loss = -masked_mean(logp.float(), mask)
-        update(model, optimizer, loss, config.grad_clip, step)
+        update(model, optimizer, loss * weight, config.grad_clip, step)
         losses.append(loss.item())
         if progress.due(step):
             progress.line(step, phase="SL-CAI", loss=loss.item())
@@ -213,11 +216,14 @@ def first_reply_probabilities(model, tokenizer, comparisons, batch_size=64):
         for principle, prompt, first, second in comparisons]
     answer_a, answer_b = tokenizer.encode("(A)"), tokenizer.encode("(B)")
     probabilities = []
-    for start in range(0, len(prompts), batch_size):
+    progress = Progress((len(prompts) + batch_size - 1) // batch_size, every=10)
+    for step, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start:start + batch_size]
         logp, _ = response_log_probs(model, chunk + chunk, [answer_a] * len(chunk) + [answer_b] * len(chunk))
         log_a, log_b = logp.sum(dim=1).float().cpu().chunk(2)
         probabilities.append(torch.sigmoid(log_a - log_b))
+        if progress.due(step) and progress.total > 10:  # long labelling jobs say how far they are
+            progress.line(step, phase="AI labels", comparisons=start + len(chunk))
     return torch.cat(probabilities)
 
 
@@ -231,7 +237,8 @@ def ai_labels(model, tokenizer, items, principles, debias=True):
     """
     comparisons = [(pr, prompt, first, second) for (prompt, a, b), prs in zip(items, principles) for pr in prs
                    for first, second in ((a, b), (b, a))]
-    p = first_reply_probabilities(model, tokenizer, comparisons).view(len(items), len(principles[0]), 2)
+    p = torch.tensor(shared_work(lambda some: first_reply_probabilities(model, tokenizer, some).tolist(), comparisons))
+    p = p.view(len(items), len(principles[0]), 2)  # under torchrun each process scored its share
     p_first, p_second = p[..., 0].mean(dim=1), p[..., 1].mean(dim=1)  # a shown first; b shown first
     p_a = (p_first + 1 - p_second) / 2 if debias else p_first
     return torch.stack([p_a, 1 - p_a], dim=1), (p_first + p_second - 1) / 2
@@ -247,8 +254,9 @@ def fits_comparison(tokenizer, prompt, a, b, block_size):
 
 def ai_feedback_pairs(model, tokenizer, prompts, config, rng, seed):
     """Two replies per prompt from the model, labelled by the model. -> (pairs for DPO, labelling stats)"""
-    prompt_ids, outputs, texts = world.continue_chats(model, tokenizer, [[user(p)] for p in prompts for _ in (0, 1)],
-                                                      max_new_tokens=config.max_new_tokens, seed=seed)
+    prompt_ids, outputs, texts = shared_work(  # under torchrun each process samples its share
+        lambda chats: world.continue_chats(model, tokenizer, chats, max_new_tokens=config.max_new_tokens,
+                                           seed=process_seed(seed)), [[user(p)] for p in prompts for _ in (0, 1)])
     skipped, items, indices = Counter(), [], []
     for i, prompt in enumerate(prompts):
         a, b = texts[2 * i], texts[2 * i + 1]
@@ -287,10 +295,11 @@ def dpo_on_ai_labels(policy, reference, pairs, config, rng, device):
     order = list(range(len(pairs)))
     for step, (_, batch) in enumerate(shuffled_minibatches(order, config.batch_size, config.dpo_epochs, rng)):
         set_lr(optimizer, cosine_lr(step, max_steps, config.dpo_lr, warmup_steps=5))
+        batch, weight = local_share(batch)  # under torchrun: this process's share of the batch
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, stats = dpo_batch(policy, [pairs[i] for i in batch], ref_chosen[batch], ref_rejected[batch],
                                     beta=config.beta)
-        update(policy, optimizer, loss, config.grad_clip, step)
+        update(policy, optimizer, loss * weight, config.grad_clip, step)
         curve.append({"loss": loss.item(), **stats})
         if progress.due(step):
             progress.line(step, phase="RL-CAI (DPO)", loss=loss.item(), acc=stats["reward_acc"], margin=stats["margin"])
@@ -342,7 +351,9 @@ def main():
           f"ended targets (with {config.n_helpful} of the model's own replies to other prompts)")
     sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
     sl_seconds = time.time() - start
-    save_checkpoint(out / "sl_cai.pt", model, tokenizer=tokenizer, meta={"stage": "sl_cai", "config": asdict(config)})
+    if is_main():
+        save_checkpoint(out / "sl_cai.pt", model, tokenizer=tokenizer, meta={"stage": "sl_cai", "config": asdict(config)})
+    barrier()  # under torchrun the others wait for the file
 
     # ---- phase 2: RL-CAI, DPO on the model's own labels ----
     sl_reference, _, _ = load_checkpoint(out / "sl_cai.pt", device)
@@ -355,17 +366,20 @@ def main():
                          f"try more --principles or a longer-context preset")
     print(f"RL-CAI: {label_stats['pairs']} AI-labelled pairs (skipped {label_stats['skipped']}), "
           f"position bias {label_stats['position_bias']:+.3f}")
-    eval_sl = {}
-    tasks = world.eval_suite(args.seed)
-    eval_sl["metrics"], eval_sl["texts"] = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples,
-                                                          seed=args.seed, max_new_tokens=config.eval_max_new_tokens,
-                                                          ref_model=sft_reference, ref_texts=sft_texts)
     dpo_curve, dpo_stats = dpo_on_ai_labels(model, sl_reference, pairs, config, rng, device)
     train_seconds = time.time() - start
+    if not is_main():  # under torchrun, the other data-parallel processes are done
+        return
     save_checkpoint(out / "model.pt", model, tokenizer=tokenizer,
                     meta={"stage": "cai", "preset": args.preset, "config": asdict(config)})
 
-    # ---- evaluation: the eval suite after each phase, label agreement, over-refusal ----
+    # ---- evaluation: the eval suite after each phase (sl_reference is the SL-CAI model), label agreement,
+    # over-refusal ----
+    tasks = world.eval_suite(args.seed)
+    eval_sl = {}
+    eval_sl["metrics"], eval_sl["texts"] = world.evaluate(sl_reference, tokenizer, tasks, samples=config.eval_samples,
+                                                          seed=args.seed, max_new_tokens=config.eval_max_new_tokens,
+                                                          ref_model=sft_reference, ref_texts=sft_texts)
     metrics, texts = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens, ref_model=sft_reference,
                                     ref_texts=sft_texts)

@@ -373,7 +373,9 @@ def update(model, optimizer, loss, grad_clip, step):
 # ---- data parallel over processes (torchrun --nproc_per_node=N) --------------------------------
 # Every process holds the whole model, builds the same global batch (same seed), keeps its own slice of
 # it, and averages gradients with the others before each step: N processes take the steps one process
-# takes on the global batch. One process (no torchrun) is the default, and then all of this is a no-op.
+# takes on the global batch. RL sampling is split the other way round: each process generates its share
+# of the replies and all of them receive the whole rollout (shared_work). One process (no torchrun) is the
+# default, and then all of this is a no-op.
 
 def init_distributed(device):
     """Join the process group when torchrun started us (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
@@ -428,6 +430,15 @@ def local_share(batch):
     return share, len(share) * world / len(batch)
 
 
+def local_token_share(batch, count_tokens):
+    """local_share for a loss averaged over tokens rather than examples: the weight is this share's tokens *
+    processes / the batch's tokens (count_tokens(item) -> its number of loss tokens)."""
+    share, weight = local_share(batch)
+    if weight == 0 or world_info()[1] == 1:
+        return share, weight
+    return share, sum(map(count_tokens, share)) * world_info()[1] / sum(map(count_tokens, batch))
+
+
 def average_gradients(model):
     """Mean of every gradient over the processes (summed by all-reduce, divided by their number)."""
     rank, world = world_info()
@@ -437,6 +448,45 @@ def average_gradients(model):
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= world
+
+
+def gather_lists(items):
+    """Every process's list, concatenated in rank order, in every process. One process: items."""
+    if world_info()[1] == 1:
+        return list(items)
+    import torch.distributed as dist
+    parts = [None] * world_info()[1]
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
+def shared_work(fn, items):
+    """fn(items), computed as fn(this process's share of items) in each process; every process receives the
+    whole result, in the order of items. fn returns a list, or a tuple of lists (one entry per item).
+    How the RL scripts split generation: each process samples its share, all of them train on the whole."""
+    result = fn(local_slice(items))
+    if isinstance(result, tuple):
+        return tuple(gather_lists(part) for part in result)
+    return gather_lists(result)
+
+
+def process_seed(seed):
+    """A seed for this process's share of random work: two processes must not draw the same random numbers."""
+    return seed + 1_000_003 * world_info()[0]
+
+
+def average_over_processes(stats):
+    """A dict of numbers averaged over the processes (NaN entries left out); for logging what each process
+    measured on its own share. One process: the dict itself."""
+    if world_info()[1] == 1:
+        return stats
+    import torch.distributed as dist
+    values = torch.tensor([float(v) for v in stats.values()], dtype=torch.float64)
+    finite = torch.isfinite(values)
+    totals = torch.stack([torch.where(finite, values, torch.zeros_like(values)), finite.double()])
+    dist.all_reduce(totals)
+    means = totals[0] / totals[1]  # NaN where no process had a number
+    return dict(zip(stats, means.tolist()))
 
 
 def all_finite(loss):

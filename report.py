@@ -173,7 +173,7 @@ def plot_curves(path, panels, title, columns=4):
         ax.set_ylabel(panel["y"])
         ax.grid(alpha=0.3)
         if sum(len(panel.get(kind, {})) for kind in ("lines", "bars", "points")) > 1:
-            ax.legend()
+            ax.legend(loc="center right" if "bars" in panel else "best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -188,6 +188,8 @@ def draw_bars(ax, labels, series):
     ax.set_yticks([y + 0.4 - height / 2 for y in range(len(labels))])
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
+    values = [v for vs in series.values() for v in vs]
+    ax.set_xlim(min(0, min(values)), max(values) * 1.45)  # room on the right for the legend, clear of the bars
 
 
 def print_comparison(columns, keys):

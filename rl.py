@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 import world
-from gpt import load_checkpoint, pack_sequences, response_log_probs, save_checkpoint, shuffled_minibatches, update
+from gpt import (average_over_processes, load_checkpoint, local_share, pack_sequences, process_seed, response_log_probs,
+                 save_checkpoint, shared_work, shuffled_minibatches, update, world_info)
 from kernels import dpo_loss, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from report import load_stage, read_json, write_json
 
@@ -302,11 +303,16 @@ class Rollout:
         return torch.tensor([text.endswith(world.END) for text in self.texts])
 
 
-def sample_rollout(policy, tokenizer, tasks, *, samples=1, temperature=1.0, max_new_tokens=96, seed=0):
-    """`samples` replies per task from the policy (KV-cache generation, stops at the end-of-turn token)."""
-    prompts, outputs, texts = world.generate_responses(policy, tokenizer, tasks, samples=samples,
-                                                       temperature=temperature, max_new_tokens=max_new_tokens,
-                                                       seed=seed)
+def sample_rollout(policy, tokenizer, tasks, *, samples=1, temperature=1.0, max_new_tokens=96, seed=0, shared=False):
+    """`samples` replies per task from the policy (KV-cache generation, stops at the end-of-turn token).
+
+    shared=True (training, under torchrun): each process samples the replies to its share of the tasks and
+    every process receives the whole rollout, so that all of them score and train on the same global batch.
+    """
+    def sample(some_tasks):
+        return world.generate_responses(policy, tokenizer, some_tasks, samples=samples, temperature=temperature,
+                                        max_new_tokens=max_new_tokens, seed=process_seed(seed) if shared else seed)
+    prompts, outputs, texts = shared_work(sample, tasks) if shared else sample(tasks)
     return Rollout([t for t in tasks for _ in range(samples)], prompts, outputs, texts)
 
 
@@ -351,16 +357,38 @@ class ClipConfig:
     grad_clip: float = 1.0
 
 
+def share_weights(batch, share, weight, mask):
+    """Under torchrun, how much this process's share of a minibatch counts in the whole minibatch's loss,
+    for each way of averaging token losses (kernels.aggregate_token_loss); its mean loss times this weight,
+    averaged over the processes, is the whole minibatch's mean loss. One process: all 1.
+
+    batch: the minibatch's rows; share, weight: this process's rows and gpt.local_share's weight (0 for a
+    process with no rows); mask: the rollout's (N, R) reply mask.
+    """
+    world_size = world_info()[1]
+    if world_size == 1:
+        return {"token_mean": 1.0, "seq_mean": 1.0, "seq_sum_norm": 1.0}
+    lengths = mask.sum(dim=1)
+    mine, whole = lengths[share], lengths[batch]
+    return {"token_mean": world_size * (weight > 0) * (mine.sum() / whole.sum()).item(),
+            "seq_mean": weight,  # rows * processes / minibatch rows
+            "seq_sum_norm": world_size * (weight > 0) * (len(share) * mine.max() / (len(batch) * whole.max())).item()}
+
+
 def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask, config, rng, *, ref_logp=None,
                           step=0):
     """`config.epochs` passes of the clipped surrogate over shuffled minibatches of one rollout.
 
     old_logp, advantages, mask: (N, R) per-token tensors of the whole rollout (a per-reply advantage is
     broadcast over its tokens by the caller). Returns one stats dict per minibatch, in order: the first
-    minibatch sees the policy that sampled the rollout, so its ratio is 1 and its clipfrac 0.
+    minibatch sees the policy that sampled the rollout, so its ratio is 1 and its clipfrac 0. Under torchrun
+    every process holds the whole rollout and trains on its share of each minibatch (gradients averaged).
     """
     history = []
     for _, batch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
+        whole = batch
+        batch, weight = local_share(whole)  # this process's rows; one process: all of them, weight 1
+        weights = share_weights(whole, batch, weight, mask)
         rows = torch.tensor(batch, device=old_logp.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=old_logp.is_cuda):
             logp, m, entropy = response_log_probs(policy, [rollout.prompts[i] for i in batch],
@@ -370,19 +398,28 @@ def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask
         loss, stats = ppo_policy_loss(logp, old_logp[rows, :width], advantages[rows, :width], m,
                                       clip_low=config.clip_low, clip_high=config.clip_high, loss_agg=config.loss_agg)
         stats = {k: float(v) for k, v in stats.items()}
+        share_loss = loss * weights[config.loss_agg]
         if ref_logp is not None and config.kl_beta > 0:
             kl = masked_mean(kl_penalty(logp, ref_logp[rows, :width], "k3"), m)
             loss = loss + config.kl_beta * kl
+            share_loss = share_loss + config.kl_beta * kl * weights["token_mean"]
             stats["kl_k3"] = kl.item()
         stats.update(policy_loss=loss.item(), entropy=masked_mean(entropy.float(), m).item())
-        update(policy, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
+        update(policy, optimizer, share_loss, config.grad_clip, step)  # NaN guard, backward, clip, step
         history.append(stats)
     return history
 
 
+def first_minibatch(history):
+    """Ratio and clipfrac of an update's first minibatch (1 and 0: the policy has not moved yet)."""
+    first = average_over_processes({"ratio": history[0]["ratio_mean"], "clipfrac": history[0]["clipfrac"]})
+    return {"first_ratio": first["ratio"], "first_clipfrac": first["clipfrac"]}
+
+
 def mean_stats(history):
-    """Average of each key over a list of stats dicts (the minibatches of one iteration)."""
-    return {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+    """Average of each key over a list of stats dicts (the minibatches of one iteration), and over the
+    processes under torchrun."""
+    return average_over_processes({key: sum(h[key] for h in history) / len(history) for key in history[0]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +478,7 @@ def sample_groups(policy, tokenizer, draw_tasks, reward_fn, *, n_groups, group_s
     for draw in range(max_draws if dynamic else 1):
         tasks = draw_tasks(n_groups - len(kept))
         rollout = sample_rollout(policy, tokenizer, tasks, samples=group_size, temperature=temperature,
-                                 max_new_tokens=max_new_tokens, seed=seed + 7919 * draw)
+                                 max_new_tokens=max_new_tokens, seed=seed + 7919 * draw, shared=True)
         rewards = torch.tensor(reward_fn(rollout), dtype=torch.float32)
         groups = rewards.view(len(tasks), group_size)
         equal = (groups.max(dim=1).values == groups.min(dim=1).values).tolist()
@@ -496,8 +533,7 @@ def grpo_step(policy, optimizer, reference, tokenizer, draw_tasks, reward_fn, cl
              "len_wrong": lengths[~correct].mean().item() if (~correct).any() else float("nan"),
              "kl": ((old_logp - ref_logp) * mask).sum(dim=1).mean().item(),  # k1 estimate of KL(pi || ref)
              "tokens_per_s": lengths.sum().item() / rollout_seconds,
-             "first_ratio": history[0]["ratio_mean"], "first_clipfrac": history[0]["clipfrac"],
-             **mean_stats(history)}
+             **first_minibatch(history), **mean_stats(history)}
     return stats, rollout
 
 

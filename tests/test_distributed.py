@@ -1,5 +1,6 @@
 """Data parallel with torchrun: two CPU processes (gloo) take the same steps as one process on the same
-global batch. Pretraining and DPO are checked weight by weight."""
+global batch. Pretraining, DPO and the RL updates (on a fixed rollout) are checked weight by weight; the
+RL scripts, whose rollouts are sampled in shares, are run end to end."""
 
 import shutil
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 from gpt import load_checkpoint
@@ -18,11 +20,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(script, out, *args, processes=1):
+def launch(command, processes):
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                                           f"--master_port={free_port()}"]
-    result = subprocess.run([sys.executable, *launcher, str(ROOT / script), "--preset", "test", "--out", str(out),
-                             *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *launcher, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def run(script, out, *args, processes=1):
+    result = launch([str(ROOT / script), "--preset", "test", "--out", str(out), *args], processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -60,3 +65,27 @@ def test_two_processes_train_dpo_like_one_on_the_same_global_batch(sft_run, tmp_
     moved = max_weight_difference(one / "sft" / "model.pt", one / "dpo" / "model.pt")
     apart = max_weight_difference(one / "dpo" / "model.pt", two / "dpo" / "model.pt")
     assert apart < moved / 100, (apart, moved)  # DPO moved the weights, both runs moved them the same way
+
+
+def test_two_processes_take_the_rl_updates_of_one_on_the_same_rollout(tmp_path):
+    """tests/dp_worker.py: the clipped policy update (every loss aggregation, k3 KL) and 03's value update."""
+    saved = {}
+    for processes in (1, 2):
+        saved[processes] = tmp_path / f"{processes}.pt"
+        result = launch([str(ROOT / "tests" / "dp_worker.py"), str(saved[processes])], processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (torch.load(saved[n], weights_only=True) for n in (1, 2))
+    moved = max((one["policy"][k] - one["start"][k]).abs().max().item() for k in one["policy"])
+    for model in ("policy", "value"):
+        apart = max((one[model][k] - two[model][k]).abs().max().item() for k in one[model])
+        assert apart < moved / 1000, (model, apart, moved)
+
+
+def test_the_rl_scripts_run_under_torchrun_and_only_rank_0_writes(sft_run, tmp_path):
+    out = tmp_path / "two"
+    shutil.copytree(sft_run, out)
+    run("02_reward_model.py", out)  # 03 and 06 need the reward model
+    for script, stage in (("03_ppo.py", "ppo"), ("05_grpo.py", "grpo"), ("06_rlvr.py", "rlvr"), ("07_cai.py", "cai")):
+        result = run(script, out, processes=2)
+        assert result.stdout.count("wrote ") == 1, script
+        assert (out / stage / "metrics.json").is_file() and (out / stage / "model.pt").is_file()
