@@ -30,7 +30,9 @@ training: the gold judge only measures the result (a test checks that).
 
 What to watch: the harmful-request refusal rate rising after each phase, the benign-help rate not
 falling (over-refusal is a failure too: the report counts refusals of harmless requests), and how
-often the model's own labels agree with the gold judge.
+often the model's own labels agree with the gold judge. The eval suite has 16 harmful and 16 benign
+requests; at 4 replies each its two rates carry about +-4 points of sampling noise, so the script measures
+them again from 32 replies per request (request_rates), for SFT, SL-CAI and RL-CAI.
 
     python 07_cai.py                  # needs out/sft/model.pt (01)
     python 07_cai.py --rounds 2 --principles 4
@@ -77,22 +79,24 @@ class CAIConfig:
     dpo_lr: float
     batch_size: int = 32
     max_new_tokens: int = 64  # replies and revisions
+    sl_temperature: float = 0.7  # SL-CAI's replies, critiques and revisions (see critique_and_revise)
     critique_tokens: int = 40
     debias_positions: bool = True
     grad_clip: float = 1.0
     eval_samples: int = 4
     eval_max_new_tokens: int = 96
+    request_samples: int = 32  # replies per eval-suite request for the precise refusal and help rates
     log_every: int = 10
 
 
 PRESETS = {
     "test": CAIConfig(n_prompts=32, harmful_share=0.6, n_helpful=16, rounds=1, sl_epochs=1, sl_lr=1e-4, n_pairs=32, principles=2,
                       min_confidence=0.0, beta=0.1, dpo_epochs=1, dpo_lr=1e-4, batch_size=16, max_new_tokens=32,
-                      critique_tokens=24, eval_samples=1, eval_max_new_tokens=48, log_every=2),
-    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=600, rounds=1, sl_epochs=2, sl_lr=2e-4, n_pairs=1600, principles=3,
-                     min_confidence=0.1, beta=1.0, dpo_epochs=2, dpo_lr=2e-5),
-    "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, n_helpful=2000, rounds=2, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
-                     principles=4, min_confidence=0.1, beta=0.5, dpo_epochs=2, dpo_lr=2e-5, batch_size=64),
+                      critique_tokens=24, eval_samples=1, eval_max_new_tokens=48, request_samples=2, log_every=2),
+    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=600, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=1600, principles=3,
+                     min_confidence=0.1, beta=2.0, dpo_epochs=2, dpo_lr=2e-5),
+    "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, n_helpful=2000, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
+                     principles=4, min_confidence=0.1, beta=2.0, dpo_epochs=2, dpo_lr=2e-5, batch_size=64),
 }
 
 # The principles drawn for critiques and comparisons: the constitution's harmlessness and helpfulness
@@ -105,14 +109,23 @@ def parse_args():
     parser.add_argument("--rounds", type=positive_int, default=None, help="critique-revision rounds")
     parser.add_argument("--principles", type=positive_int, default=None, help="principles per AI label (ensemble)")
     parser.add_argument("--n-pairs", dest="n_pairs", type=positive_int, default=None, help="RL-CAI prompts (2 replies each)")
+    parser.add_argument("--sl-lr", dest="sl_lr", type=positive_float, default=None, help="SL-CAI learning rate")
+    parser.add_argument("--sl-epochs", dest="sl_epochs", type=positive_int, default=None)
     parser.add_argument("--beta", type=positive_float, default=None, help="DPO beta of the RL-CAI phase")
+    parser.add_argument("--dpo-epochs", dest="dpo_epochs", type=positive_int, default=None)
+    parser.add_argument("--min-confidence", dest="min_confidence", type=float, default=None,
+                        help="keep AI-labelled pairs with |P(A better) - 0.5| at least this, in [0, 0.5)")
     parser.add_argument("--no-debias", dest="debias_positions", action="store_false", default=None,
                         help="label each pair in one order only (shows the position bias)")
     args = parser.parse_args()
     device = resolve_run(args, parser)
+    if args.min_confidence is not None and not 0 <= args.min_confidence < 0.5:
+        parser.error("--min-confidence must be in [0, 0.5)")
     if args.principles is not None and args.principles > len(PRINCIPLES):
         parser.error(f"--principles must be at most {len(PRINCIPLES)}")
-    return args, preset_config(PRESETS, args, ["rounds", "principles", "n_pairs", "beta", "debias_positions"]), device
+    overrides = ["rounds", "principles", "n_pairs", "sl_lr", "sl_epochs", "beta", "dpo_epochs", "min_confidence",
+                 "debias_positions"]
+    return args, preset_config(PRESETS, args, overrides), device
 
 
 # ---- data: red-team and benign prompts (only their text is used) ---------------------------------
@@ -136,9 +149,16 @@ def assistant(text):
 
 def critique_and_revise(model, tokenizer, prompts, config, rng, seed):
     """Sample a reply to each prompt, then `rounds` of self-critique and revision.
-    Returns a list of dicts: prompt, reply, and per round the principle, critique and revision."""
+    Returns a list of dicts: prompt, reply, and per round the principle, critique and revision.
+
+    Sampled at config.sl_temperature (0.7), below 1: the model is fine-tuned on these texts, and at
+    temperature 1 a small model's samples carry slips (steps of another how-to, garbled words) that
+    fine-tuning on them teaches back. Measured on the cpu preset's SFT model, 300 prompts: at 1.0 the
+    revisions made 20 of 117 benign replies worse by the gold judge (4 better), at 0.7 6 worse (3 better),
+    while harmful replies improved about as much (gold 0.39 -> 0.46 and 0.40 -> 0.46)."""
     def reply_to(chats, max_new_tokens, offset):  # under torchrun each process writes its share of the replies
         return shared_work(lambda some: world.continue_chats(model, tokenizer, some, max_new_tokens=max_new_tokens,
+                                                             temperature=config.sl_temperature,
                                                              seed=process_seed(seed + offset))[2], chats)
 
     chats = [[user(p)] for p in prompts]
@@ -169,7 +189,7 @@ def sl_target(record):
     return record["prompt"], reply
 
 
-def helpful_replies(model, tokenizer, rng, n, seed):
+def helpful_replies(model, tokenizer, rng, n, temperature, seed):
     """(prompt, reply) pairs: the model's own replies to n train prompts of every family but harmful
     requests. Mixed into SL-CAI's fine-tuning so that it keeps what the model could already do (Bai et al.
     mix in samples of their helpful model the same way)."""
@@ -179,8 +199,8 @@ def helpful_replies(model, tokenizer, rng, n, seed):
         if task.kind != "harmful":
             tasks.append(task)
     prompts = [t.prompt for t in tasks]
-    replies = shared_work(lambda some: world.continue_chats(model, tokenizer, some, seed=process_seed(seed + 3))[2],
-                          [[user(p)] for p in prompts])
+    replies = shared_work(lambda some: world.continue_chats(model, tokenizer, some, temperature=temperature,
+                                                            seed=process_seed(seed + 3))[2], [[user(p)] for p in prompts])
     return list(zip(prompts, replies))
 
 
@@ -318,6 +338,27 @@ def label_agreement(pairs, tasks):
     return sum(c > r for c, r in decided) / max(1, len(decided)), len(decided)
 
 
+def request_rates(models, tokenizer, tasks, samples, max_new_tokens, seed):
+    """{model name: {"harmful_refusal_rate", "benign_help_rate", "replies"}} on the eval suite's requests, from
+    `samples` replies per request. The eval suite's 4 replies per request (64 per kind) leave about +-4 points
+    of sampling noise on each rate, as large as the 5-point limit on the benign-help drop; 32 per request
+    bring it to about +-1.5."""
+    requests = [t for t in tasks if t.family == "requests"]
+    rates = {}
+    for name, model in models.items():
+        _, _, texts = world.generate_responses(model, tokenizer, requests, samples=samples,
+                                               max_new_tokens=max_new_tokens, seed=seed)
+        flags = [(t.kind, world.behaviour_flags(t, r)) for t, r in zip([t for t in requests for _ in range(samples)], texts)]
+        rates[name] = {"harmful_refusal_rate": mean([f["refused"] for kind, f in flags if kind == "harmful"]),
+                       "benign_help_rate": mean([f["helped"] for kind, f in flags if kind == "benign"]),
+                       "replies": len(texts)}
+    return rates
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
 def refusal_report(tasks, texts, samples):
     """Over-refusal: refusals of harmless prompts (benign requests, questions) and the most repeated
     opening sentences of replies to requests (boilerplate)."""
@@ -344,7 +385,8 @@ def main():
     # ---- phase 1: SL-CAI ----
     prompts = [t.prompt for t in request_tasks(rng, config.n_prompts, config.harmful_share)]
     records = critique_and_revise(model, tokenizer, prompts, config, rng, args.seed)
-    final = [sl_target(r) for r in records] + helpful_replies(model, tokenizer, rng, config.n_helpful, args.seed)
+    own = helpful_replies(model, tokenizer, rng, config.n_helpful, config.sl_temperature, args.seed)
+    final = [sl_target(r) for r in records] + own
     examples = [(p, rev) for p, rev in final if rev.endswith(world.END) and world.strip_end(rev)[0]]
     revised = sum(rev != r["reply"] for r, (_, rev) in zip(records, final))
     print(f"SL-CAI: {len(records)} prompts critiqued, {revised} replies revised; fine-tuning on {len(examples)} "
@@ -384,7 +426,10 @@ def main():
                                     max_new_tokens=config.eval_max_new_tokens, ref_model=sft_reference,
                                     ref_texts=sft_texts)
     agreement, judged = label_agreement(pairs, rl_tasks)
-    metrics.update(sl_cai=eval_sl["metrics"], label_agreement_with_gold=agreement, label_pairs_judged=judged,
+    print(f"requests again, {config.request_samples} replies each (the eval suite's {config.eval_samples} are noisy):")
+    requests = request_rates({"SFT": sft_reference, "SL-CAI": sl_reference, "RL-CAI": model}, tokenizer, tasks,
+                             config.request_samples, config.eval_max_new_tokens, args.seed + 5)
+    metrics.update(sl_cai=eval_sl["metrics"], request_rates=requests, label_agreement_with_gold=agreement, label_pairs_judged=judged,
                    labels=label_stats, dpo=dpo_stats, over_refusal={
                        "sft": refusal_report(tasks, sft_texts, config.eval_samples),
                        "sl_cai": refusal_report(tasks, eval_sl["texts"], config.eval_samples),
@@ -394,6 +439,9 @@ def main():
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "SL-CAI": eval_sl["metrics"], "RL-CAI": metrics}, world.METRIC_NAMES)
+    for name, rates in requests.items():
+        print(f"  {name:<7} harmful refusal {rates['harmful_refusal_rate']:.3f}   benign help {rates['benign_help_rate']:.3f}"
+              f"   ({rates['replies']} replies)")
     print(f"AI labels agree with the gold judge on {agreement:.1%} of {judged} pairs it can tell apart")
     for stage, report in metrics["over_refusal"].items():
         print(f"  {stage:<7} refuses {report['benign_refused']:.1%} of benign requests, "
@@ -410,9 +458,12 @@ def main():
         "eval suite after each phase": {"x": "rate", "y": "", "labels": names, "bars": {
             "SFT": [sft_metrics[k] for k in names], "SL-CAI": [eval_sl["metrics"][k] for k in names],
             "RL-CAI": [metrics[k] for k in names]}},
+        f"requests, {config.request_samples} replies each": {"x": "rate", "y": "", "labels": list(requests["SFT"])[:2],
+                                                             "bars": {name: list(rates.values())[:2]
+                                                                      for name, rates in requests.items()}},
     }, title=f"07 Constitutional AI ({args.preset} preset): harmful refusal {sft_metrics['harmful_refusal_rate']:.2f}"
              f" -> {eval_sl['metrics']['harmful_refusal_rate']:.2f} -> {metrics['harmful_refusal_rate']:.2f}, "
-             f"AI-gold agreement {agreement:.2f}", columns=3)
+             f"AI-gold agreement {agreement:.2f}", columns=4)
     write_critiques(out / "samples.md", records, tasks, sft_texts, eval_sl["texts"], texts, config.eval_samples)
     print(f"wrote {out}/model.pt, sl_cai.pt, metrics.json, curves.png, samples.md")
 

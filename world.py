@@ -793,7 +793,7 @@ def continue_chats(model, tokenizer, chats, *, temperature=1.0, max_new_tokens=9
     for start in range(0, len(prompts), batch_size):
         outputs += model.generate(prompts[start:start + batch_size], max_new_tokens, temperature=temperature,
                                   stop_ids=(tokenizer.eot_id,), seed=seed + start)
-        if len(prompts) >= 8 * batch_size and (start // batch_size) % 4 == 3:  # long jobs say how far they are
+        if len(prompts) >= 10 * batch_size and (start // batch_size) % 5 == 4:  # long jobs say how far they are
             elapsed = time.time() - began
             print(f"  generated {len(outputs)}/{len(prompts)} replies  elapsed {elapsed:.0f}s  "
                   f"eta {elapsed / len(outputs) * (len(prompts) - len(outputs)):.0f}s", flush=True)

@@ -1,7 +1,8 @@
 """Run by test_distributed.py as one process or under torchrun: the RL updates on one fixed rollout.
 
 Every process builds the same tiny models and the same rollout, trains with the code the RL scripts use
-(rl.clipped_policy_update with each loss aggregation and a k3 KL term, 03's value update), and rank 0
+(rl.clipped_policy_update with each loss aggregation and a k3 KL term, 03's value update, 07's SL-CAI
+fine-tuning), and rank 0
 saves the weights; two processes must end where one process ends. It also checks that a rollout sampled
 with shared=True is the same whole rollout in every process.
 
@@ -38,10 +39,8 @@ def fixed_rollout(n, vocab_size, seed):
     return rl.Rollout([None] * n, prompts, replies, [""] * n)
 
 
-def check_shared_sampling():
+def check_shared_sampling(tokenizer):
     """shared=True: every process holds the same whole rollout, and its replies are those of every task."""
-    docs = world.toy_internet(60, seed=0)
-    tokenizer = Tokenizer.train([d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in docs], 300)
     policy = tiny_gpt(tokenizer.vocab_size, 0)
     tasks = [world.make_task("math", "arithmetic", random.Random(i), "train") for i in range(5)]
     rollout = rl.sample_rollout(policy, tokenizer, tasks, samples=2, max_new_tokens=6, seed=3, shared=True)
@@ -53,7 +52,9 @@ def check_shared_sampling():
 
 def main():
     init_distributed(torch.device("cpu"))
-    check_shared_sampling()
+    docs = world.toy_internet(60, seed=0)
+    tokenizer = Tokenizer.train([d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in docs], 300)
+    check_shared_sampling(tokenizer)
     vocab_size = 64
     policy = tiny_gpt(vocab_size, 1)
     reference = copy.deepcopy(policy).requires_grad_(False)
@@ -78,9 +79,16 @@ def main():
     config = ppo.PPOConfig(iterations=1, batch_size=11, lr=1e-2, value_lr=1e-2, kl_coef=0.0, minibatch_size=5)
     ppo.update_value_model(value_model, configure_optimizer(value_model, 1e-2, weight_decay=0.0), rollout,
                            old_values, returns, mask, config, random.Random(0), 0)
+    # 07's SL-CAI fine-tuning: a mean over reply tokens, shares weighted by their tokens (gpt.local_token_share)
+    cai = load_script("07_cai.py")
+    tasks = [world.random_task(random.Random(i), "train") for i in range(11)]
+    examples = [(t.prompt, "Sure, " * (1 + i % 4) + world.END) for i, t in enumerate(tasks)]
+    sl_model = tiny_gpt(tokenizer.vocab_size, 4)
+    sl_config = cai.CAIConfig(**{**vars(cai.PRESETS["test"]), "batch_size": 5, "sl_epochs": 2, "sl_lr": 1e-2})
+    cai.supervised_finetune(sl_model, tokenizer, examples, sl_config, random.Random(0), torch.device("cpu"))
     if is_main():
         torch.save({"policy": policy.state_dict(), "start": reference.state_dict(),
-                    "value": value_model.state_dict()}, sys.argv[1])
+                    "value": value_model.state_dict(), "sl": sl_model.state_dict()}, sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -74,12 +74,12 @@ def test_no_training_step_of_cai_calls_the_gold_judge(toy_tokenizer, make_gpt, n
 
 def test_the_gold_judge_is_only_reached_through_measurement_functions():
     """A static check to go with the run above: in 07's source the gold judge is named only inside the
-    functions that measure (label agreement) and main's evaluation."""
+    functions that measure (label agreement, request rates) and main's evaluation."""
     import ast
     import inspect
 
     tree = ast.parse(inspect.getsource(cai))
     for function in [n for n in tree.body if isinstance(n, ast.FunctionDef)]:
         names = {n.attr for n in ast.walk(function) if isinstance(n, ast.Attribute)}
-        if names & {"gold_score", "gold_prefer", "verify"}:
-            assert function.name in {"label_agreement"}, function.name
+        if names & {"gold_score", "gold_prefer", "verify", "behaviour_flags", "evaluate"}:
+            assert function.name in {"label_agreement", "request_rates", "main"}, function.name

@@ -68,7 +68,8 @@ def test_two_processes_train_dpo_like_one_on_the_same_global_batch(sft_run, tmp_
 
 
 def test_two_processes_take_the_rl_updates_of_one_on_the_same_rollout(tmp_path):
-    """tests/dp_worker.py: the clipped policy update (every loss aggregation, k3 KL) and 03's value update."""
+    """tests/dp_worker.py: the clipped policy update (every loss aggregation, k3 KL), 03's value update and
+    07's token-weighted SL fine-tuning."""
     saved = {}
     for processes in (1, 2):
         saved[processes] = tmp_path / f"{processes}.pt"
@@ -76,7 +77,7 @@ def test_two_processes_take_the_rl_updates_of_one_on_the_same_rollout(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (torch.load(saved[n], weights_only=True) for n in (1, 2))
     moved = max((one["policy"][k] - one["start"][k]).abs().max().item() for k in one["policy"])
-    for model in ("policy", "value"):
+    for model in ("policy", "value", "sl"):
         apart = max((one[model][k] - two[model][k]).abs().max().item() for k in one[model])
         assert apart < moved / 1000, (model, apart, moved)
 
