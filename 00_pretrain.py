@@ -187,7 +187,7 @@ def main():
     # ---- evaluation and outputs ----
     save_checkpoint(out / "model.pt", model, tokenizer=tokenizer,
                     meta={"stage": "pretrain", "preset": args.preset, "config": asdict(config)})
-    tasks = world.eval_suite(args.seed)
+    tasks = world.eval_suite()  # the same prompts for every stage and every --seed
     metrics, texts = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens)
     metrics.update(val_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset,

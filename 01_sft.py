@@ -178,7 +178,7 @@ def main():
     # ---- evaluation and outputs ----
     save_checkpoint(out / "model.pt", model, tokenizer=tokenizer,
                     meta={"stage": "sft", "preset": args.preset, "config": asdict(config)})
-    tasks = world.eval_suite(args.seed)
+    tasks = world.eval_suite()  # the same prompts for every stage and every --seed
     metrics, texts = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens, ref_texts=base_texts)
     metrics["win_rate_vs_base"] = metrics.pop("win_rate_vs_sft")  # SFT is the reference of later stages

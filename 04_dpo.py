@@ -148,7 +148,7 @@ def main():
     # ---- evaluation and outputs ----
     save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
                     meta={"stage": "dpo", "preset": args.preset, "config": asdict(config)})
-    tasks = world.eval_suite(args.seed)
+    tasks = world.eval_suite()  # the same prompts for every stage and every --seed
     metrics, texts = world.evaluate(policy, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens, ref_model=reference,
                                     ref_texts=sft_texts)

@@ -51,7 +51,8 @@ from rl import CHECKERS, ClipConfig, grpo_step, load_reward_stage, sample_rollou
 
 @dataclass
 class RLVRConfig:
-    steps: int  # per run (the verifier run and the reward-model run)
+    steps: int  # of the verifier run
+    rm_steps: int  # of the reward-model run (the hacking shows within a few dozen steps)
     n_groups: int
     group_size: int
     lr: float
@@ -71,23 +72,25 @@ class RLVRConfig:
 
 
 PRESETS = {
-    "test": RLVRConfig(steps=3, n_groups=4, group_size=4, lr=1e-4, minibatch_size=8, max_new_tokens=48,
+    "test": RLVRConfig(steps=3, rm_steps=2, n_groups=4, group_size=4, lr=1e-4, minibatch_size=8, max_new_tokens=48,
                        pass_k_samples=2, eval_samples=1, eval_max_new_tokens=48, log_every=1),
-    "cpu": RLVRConfig(steps=80, n_groups=48, group_size=8, lr=5e-5),
-    "gpu": RLVRConfig(steps=80, n_groups=32, group_size=16, lr=2e-5, minibatch_size=128),
+    "cpu": RLVRConfig(steps=80, rm_steps=40, n_groups=48, group_size=8, lr=5e-5),
+    "gpu": RLVRConfig(steps=80, rm_steps=80, n_groups=32, group_size=16, lr=2e-5, minibatch_size=128),
 }
 
 
 def parse_args():
     parser = run_parser(__doc__, PRESETS)
-    parser.add_argument("--steps", type=positive_int, default=None, help="steps of each of the two runs")
+    parser.add_argument("--steps", type=positive_int, default=None, help="steps of the verifier run")
+    parser.add_argument("--rm-steps", dest="rm_steps", type=positive_int, default=None,
+                        help="steps of the run with the reward model as reward")
     parser.add_argument("--lr", type=positive_float, default=None)
     parser.add_argument("--beta", type=float, default=None, help="k3 KL weight (>= 0)")
     args = parser.parse_args()
     device = resolve_run(args, parser)
     if args.beta is not None and args.beta < 0:
         parser.error("--beta must be >= 0")
-    return args, preset_config(PRESETS, args, ["steps", "lr", "beta"]), device
+    return args, preset_config(PRESETS, args, ["steps", "rm_steps", "lr", "beta"]), device
 
 
 # ---- data and rewards ---------------------------------------------------------------------------
@@ -142,7 +145,7 @@ def pass_k_curve(model, tokenizer, tasks, config, seed):
 
 # ---- training -----------------------------------------------------------------------------------
 
-def train_rlvr(args, config, reward_fn, yardsticks, device, label):
+def train_rlvr(args, config, reward_fn, yardsticks, device, label, steps):
     """A GRPO run from the SFT model with the given reward; every step is measured by both yardsticks."""
     policy, tokenizer, _ = load_stage(args.out, "sft", device)
     reference, reward_model = yardsticks
@@ -154,8 +157,8 @@ def train_rlvr(args, config, reward_fn, yardsticks, device, label):
     rng = random.Random(f"rlvr/{args.seed}")  # both runs see the same prompts
     draw_tasks = verifiable_prompts(rng, config.math_share)
     curve = []
-    progress = Progress(config.steps, config.log_every)
-    for step in range(config.steps):
+    progress = Progress(steps, config.log_every)
+    for step in range(steps):
         stats, rollout = grpo_step(policy, optimizer, reference, tokenizer, draw_tasks, reward_fn, clip, rng,
                                    n_groups=config.n_groups, group_size=config.group_size,
                                    max_new_tokens=config.max_new_tokens, step=step, seed=args.seed)
@@ -183,18 +186,18 @@ def main():
     # ---- the same GRPO training twice: checkers as reward, then the learned RM as reward ----
     start = time.time()
     policy, verifier_curve = train_rlvr(args, config, checker_reward(config.format_weight),
-                                        (reference, reward_model), device, "verifier")
+                                        (reference, reward_model), device, "verifier", config.steps)
     verifier_seconds = time.time() - start
     if is_main():
         save_checkpoint(out / "model.pt", policy, tokenizer=tokenizer,
                         meta={"stage": "rlvr", "preset": args.preset, "config": asdict(config)})
     rm_policy, rm_curve = train_rlvr(args, config, learned_reward(reward_model), (reference, reward_model), device,
-                                     "reward model")
+                                     "reward model", config.rm_steps)
     if not is_main():  # under torchrun, the other data-parallel processes are done
         return
 
     # ---- evaluation: the eval suite, and pass@k on its checkable tasks before and after ----
-    tasks = world.eval_suite(args.seed)
+    tasks = world.eval_suite()  # the same prompts for every stage and every --seed
     metrics, texts = world.evaluate(policy, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens, ref_model=reference,
                                     ref_texts=sft_texts)
@@ -213,11 +216,9 @@ def main():
     for name, accuracy in metrics["verifier_accuracy"].items():
         print(f"  {name:<18} math {accuracy['math']:.3f}   facts {accuracy['facts']:.3f}")
 
-    steps = list(range(config.steps))
-
     def both(key):
-        return {"verifier as reward": (steps, [s[key] for s in verifier_curve]),
-                "RM as reward": (steps, [s[key] for s in rm_curve])}
+        return {"verifier as reward": (list(range(len(verifier_curve))), [s[key] for s in verifier_curve]),
+                "RM as reward": (list(range(len(rm_curve))), [s[key] for s in rm_curve])}
 
     pass_lines = {f"{name}, {family}": (list(curve[family]), list(curve[family].values()))
                   for name, curve in pass_k.items() for family in ("math", "facts")}

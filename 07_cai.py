@@ -417,7 +417,7 @@ def main():
 
     # ---- evaluation: the eval suite after each phase (sl_reference is the SL-CAI model), label agreement,
     # over-refusal ----
-    tasks = world.eval_suite(args.seed)
+    tasks = world.eval_suite()  # the same prompts for every stage and every --seed
     eval_sl = {}
     eval_sl["metrics"], eval_sl["texts"] = world.evaluate(sl_reference, tokenizer, tasks, samples=config.eval_samples,
                                                           seed=args.seed, max_new_tokens=config.eval_max_new_tokens,

@@ -757,7 +757,8 @@ EVAL_COUNTS = {("math", "arithmetic"): 48, ("facts", "known"): 24, ("facts", "un
 
 
 def eval_suite(seed=0):
-    """The fixed evaluation tasks (eval split, distinct prompts), the same for every stage."""
+    """The fixed evaluation tasks (eval split, distinct prompts), the same for every stage. The scripts use
+    seed 0 whatever their --seed: every stage is compared with SFT's replies to the same prompts."""
     tasks = []
     for (family, kind), count in EVAL_COUNTS.items():
         rng = random.Random(f"eval/{family}/{kind}/{seed}")
