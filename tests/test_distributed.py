@@ -56,6 +56,17 @@ def test_two_processes_pretrain_like_one_on_the_same_global_batch(tmp_path):
     assert apart < 1e-4, apart
 
 
+def test_two_processes_fine_tune_like_one_on_the_same_global_batch(sft_run, tmp_path):
+    """01's loss is a mean over reply tokens: the shares are weighted by their tokens (gpt.local_token_share)."""
+    two = tmp_path / "two"
+    shutil.copytree(sft_run, two)
+    shutil.rmtree(two / "sft")
+    run("01_sft.py", two, processes=2)
+    moved = max_weight_difference(sft_run / "pretrain" / "model.pt", sft_run / "sft" / "model.pt")
+    apart = max_weight_difference(sft_run / "sft" / "model.pt", two / "sft" / "model.pt")
+    assert apart < moved / 100, (apart, moved)
+
+
 def test_two_processes_train_dpo_like_one_on_the_same_global_batch(sft_run, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for out in (one, two):
