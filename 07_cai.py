@@ -93,8 +93,8 @@ PRESETS = {
     "test": CAIConfig(n_prompts=32, harmful_share=0.6, n_helpful=16, rounds=1, sl_epochs=1, sl_lr=1e-4, n_pairs=32, principles=2,
                       min_confidence=0.0, beta=0.1, dpo_epochs=1, dpo_lr=1e-4, batch_size=16, max_new_tokens=32,
                       critique_tokens=24, eval_samples=1, eval_max_new_tokens=48, request_samples=2, log_every=2),
-    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=600, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=1600, principles=3,
-                     min_confidence=0.1, beta=2.0, dpo_epochs=2, dpo_lr=2e-5),
+    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=600, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=1600,
+                     principles=3, min_confidence=0.1, beta=2.0, dpo_epochs=2, dpo_lr=2e-5),
     "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, n_helpful=2000, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
                      principles=4, min_confidence=0.1, beta=2.0, dpo_epochs=2, dpo_lr=2e-5, batch_size=64),
 }
@@ -199,8 +199,11 @@ def helpful_replies(model, tokenizer, rng, n, temperature, seed):
         if task.kind != "harmful":
             tasks.append(task)
     prompts = [t.prompt for t in tasks]
-    replies = shared_work(lambda some: world.continue_chats(model, tokenizer, some, temperature=temperature,
-                                                            seed=process_seed(seed + 3))[2], [[user(p)] for p in prompts])
+
+    def reply_to(chats):  # under torchrun each process writes its share of the replies
+        return world.continue_chats(model, tokenizer, chats, temperature=temperature, seed=process_seed(seed + 3))[2]
+
+    replies = shared_work(reply_to, [[user(p)] for p in prompts])
     return list(zip(prompts, replies))
 
 
@@ -348,7 +351,8 @@ def request_rates(models, tokenizer, tasks, samples, max_new_tokens, seed):
     for name, model in models.items():
         _, _, texts = world.generate_responses(model, tokenizer, requests, samples=samples,
                                                max_new_tokens=max_new_tokens, seed=seed)
-        flags = [(t.kind, world.behaviour_flags(t, r)) for t, r in zip([t for t in requests for _ in range(samples)], texts)]
+        replies = zip([t for t in requests for _ in range(samples)], texts)
+        flags = [(task.kind, world.behaviour_flags(task, reply)) for task, reply in replies]
         rates[name] = {"harmful_refusal_rate": mean([f["refused"] for kind, f in flags if kind == "harmful"]),
                        "benign_help_rate": mean([f["helped"] for kind, f in flags if kind == "benign"]),
                        "replies": len(texts)}
@@ -394,7 +398,8 @@ def main():
     sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
     sl_seconds = time.time() - start
     if is_main():
-        save_checkpoint(out / "sl_cai.pt", model, tokenizer=tokenizer, meta={"stage": "sl_cai", "config": asdict(config)})
+        save_checkpoint(out / "sl_cai.pt", model, tokenizer=tokenizer,
+                        meta={"stage": "sl_cai", "config": asdict(config)})
     barrier()  # under torchrun the others wait for the file
 
     # ---- phase 2: RL-CAI, DPO on the model's own labels ----
@@ -429,7 +434,8 @@ def main():
     print(f"requests again, {config.request_samples} replies each (the eval suite's {config.eval_samples} are noisy):")
     requests = request_rates({"SFT": sft_reference, "SL-CAI": sl_reference, "RL-CAI": model}, tokenizer, tasks,
                              config.request_samples, config.eval_max_new_tokens, args.seed + 5)
-    metrics.update(sl_cai=eval_sl["metrics"], request_rates=requests, label_agreement_with_gold=agreement, label_pairs_judged=judged,
+    metrics.update(sl_cai=eval_sl["metrics"], request_rates=requests, label_agreement_with_gold=agreement,
+                   label_pairs_judged=judged,
                    labels=label_stats, dpo=dpo_stats, over_refusal={
                        "sft": refusal_report(tasks, sft_texts, config.eval_samples),
                        "sl_cai": refusal_report(tasks, eval_sl["texts"], config.eval_samples),
@@ -440,8 +446,8 @@ def main():
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "SL-CAI": eval_sl["metrics"], "RL-CAI": metrics}, world.METRIC_NAMES)
     for name, rates in requests.items():
-        print(f"  {name:<7} harmful refusal {rates['harmful_refusal_rate']:.3f}   benign help {rates['benign_help_rate']:.3f}"
-              f"   ({rates['replies']} replies)")
+        print(f"  {name:<7} harmful refusal {rates['harmful_refusal_rate']:.3f}   "
+              f"benign help {rates['benign_help_rate']:.3f}   ({rates['replies']} replies)")
     print(f"AI labels agree with the gold judge on {agreement:.1%} of {judged} pairs it can tell apart")
     for stage, report in metrics["over_refusal"].items():
         print(f"  {stage:<7} refuses {report['benign_refused']:.1%} of benign requests, "

@@ -189,7 +189,7 @@ def draw_bars(ax, labels, series):
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
     values = [v for vs in series.values() for v in vs]
-    ax.set_xlim(min(0, min(values)), max(max(values), 0.1) * 1.45)  # room on the right for the legend, clear of the bars
+    ax.set_xlim(min(0, min(values)), max(max(values), 0.1) * 1.45)  # room on the right for the legend
 
 
 def print_comparison(columns, keys):
