@@ -47,13 +47,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (average_over_processes, configure_optimizer, is_main, local_share, save_checkpoint,
-                 shuffled_minibatches, update)
+from gpt import average_over_processes, configure_optimizer, is_main, save_checkpoint, shuffled_minibatches, update
 from kernels import gae_advantages, kl_penalty, masked_mean, masked_whiten, ppo_value_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import (ClipConfig, clipped_policy_update, first_minibatch, load_reward_stage, mean_stats, rollout_log_probs,
-                sample_rollout, share_weights)
+                process_share, sample_rollout)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -148,8 +147,8 @@ def rollout_values(value_model, rollout, width, batch_size=64):
 def update_value_model(value_model, optimizer, rollout, old_values, returns, mask, config, rng, step):
     """config.epochs passes of the clipped value loss over shuffled minibatches. -> mean loss"""
     losses = []
-    for _, whole in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
-        batch, weight = local_share(whole)  # under torchrun: this process's rows of the minibatch
+    for _, minibatch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
+        batch, weights = process_share(minibatch, mask)  # under torchrun: this process's rows of the minibatch
         rows = torch.tensor(batch, device=returns.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=returns.is_cuda):
             values = value_model.token_values([rollout.prompts[i] for i in batch],
@@ -157,8 +156,7 @@ def update_value_model(value_model, optimizer, rollout, old_values, returns, mas
         width = values.shape[1]
         loss = ppo_value_loss(values, old_values[rows, :width], returns[rows, :width], mask[rows, :width],
                               clip=config.value_clip)
-        update(value_model, optimizer, loss * share_weights(whole, batch, weight, mask)["token_mean"], config.grad_clip,
-               step)
+        update(value_model, optimizer, loss * weights["token_mean"], config.grad_clip, step)  # the loss is a token mean
         losses.append(loss.item())
     return average_over_processes({"loss": sum(losses) / len(losses)})["loss"]
 
@@ -177,7 +175,7 @@ def ppo_iteration(models, optimizers, tokenizer, config, kl_coef, rng, iteration
     tasks = [world.random_task(rng, "train") for _ in range(config.batch_size)]
     start = time.time()
     rollout = sample_rollout(policy, tokenizer, tasks, temperature=config.temperature,  # split under torchrun
-                             max_new_tokens=config.max_new_tokens, seed=seed + 1000 * iteration, shared=True)
+                             max_new_tokens=config.max_new_tokens, seed=seed + 1000 * iteration, across_processes=True)
     rollout_seconds = time.time() - start
 
     # ---- score the rollout: old and reference log-probs, RM scores, values (no gradients) ----

@@ -48,13 +48,15 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import random
 import time
 from collections import Counter
+from statistics import mean
 from dataclasses import asdict, dataclass
 
 import torch
 
 import world
 from gpt import (barrier, configure_optimizer, cosine_lr, is_main, load_checkpoint, local_share, local_token_share,
-                 process_seed, response_log_probs, save_checkpoint, set_lr, shared_work, shuffled_minibatches, update)
+                 process_seed, response_log_probs, save_checkpoint, set_lr, shuffled_minibatches, split_and_gather,
+                 update)
 from kernels import masked_mean
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json)
@@ -157,7 +159,7 @@ def critique_and_revise(model, tokenizer, prompts, config, rng, seed):
     revisions made 20 of 117 benign replies worse by the gold judge (4 better), at 0.7 6 worse (3 better),
     while harmful replies improved about as much (gold 0.39 -> 0.46 and 0.40 -> 0.46)."""
     def reply_to(chats, max_new_tokens, offset):  # under torchrun each process writes its share of the replies
-        return shared_work(lambda some: world.continue_chats(model, tokenizer, some, max_new_tokens=max_new_tokens,
+        return split_and_gather(lambda some: world.continue_chats(model, tokenizer, some, max_new_tokens=max_new_tokens,
                                                              temperature=config.sl_temperature,
                                                              seed=process_seed(seed + offset))[2], chats)
 
@@ -203,7 +205,7 @@ def helpful_replies(model, tokenizer, rng, n, temperature, seed):
     def reply_to(chats):  # under torchrun each process writes its share of the replies
         return world.continue_chats(model, tokenizer, chats, temperature=temperature, seed=process_seed(seed + 3))[2]
 
-    replies = shared_work(reply_to, [[user(p)] for p in prompts])
+    replies = split_and_gather(reply_to, [[user(p)] for p in prompts])
     return list(zip(prompts, replies))
 
 
@@ -260,7 +262,8 @@ def ai_labels(model, tokenizer, items, principles, debias=True):
     """
     comparisons = [(pr, prompt, first, second) for (prompt, a, b), prs in zip(items, principles) for pr in prs
                    for first, second in ((a, b), (b, a))]
-    p = torch.tensor(shared_work(lambda some: first_reply_probabilities(model, tokenizer, some).tolist(), comparisons))
+    p = torch.tensor(split_and_gather(lambda some: first_reply_probabilities(model, tokenizer, some).tolist(),
+                                      comparisons))
     p = p.view(len(items), len(principles[0]), 2)  # under torchrun each process scored its share
     p_first, p_second = p[..., 0].mean(dim=1), p[..., 1].mean(dim=1)  # a shown first; b shown first
     p_a = (p_first + 1 - p_second) / 2 if debias else p_first
@@ -277,7 +280,7 @@ def fits_comparison(tokenizer, prompt, a, b, block_size):
 
 def ai_feedback_pairs(model, tokenizer, prompts, config, rng, seed):
     """Two replies per prompt from the model, labelled by the model. -> (pairs for DPO, labelling stats)"""
-    prompt_ids, outputs, texts = shared_work(  # under torchrun each process samples its share
+    prompt_ids, outputs, texts = split_and_gather(  # under torchrun each process samples its share
         lambda chats: world.continue_chats(model, tokenizer, chats, max_new_tokens=config.max_new_tokens,
                                            seed=process_seed(seed)), [[user(p)] for p in prompts for _ in (0, 1)])
     skipped, items, indices = Counter(), [], []
@@ -357,10 +360,6 @@ def request_rates(models, tokenizer, tasks, samples, max_new_tokens, seed):
                        "benign_help_rate": mean([f["helped"] for kind, f in flags if kind == "benign"]),
                        "replies": len(texts)}
     return rates
-
-
-def mean(values):
-    return sum(values) / len(values)
 
 
 def refusal_report(tasks, texts, samples):

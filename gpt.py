@@ -374,8 +374,8 @@ def update(model, optimizer, loss, grad_clip, step):
 # Every process holds the whole model, builds the same global batch (same seed), keeps its own slice of
 # it, and averages gradients with the others before each step: N processes take the steps one process
 # takes on the global batch. RL sampling is split the other way round: each process generates its share
-# of the replies and all of them receive the whole rollout (shared_work). One process (no torchrun) is the
-# default, and then all of this is a no-op.
+# of the replies and all of them receive the whole rollout (split_and_gather). One process (no torchrun)
+# is the default, and then all of this is a no-op.
 
 def init_distributed(device):
     """Join the process group when torchrun started us (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
@@ -460,7 +460,7 @@ def gather_lists(items):
     return [item for part in parts for item in part]
 
 
-def shared_work(fn, items):
+def split_and_gather(fn, items):
     """fn(items), computed as fn(this process's share of items) in each process; every process receives the
     whole result, in the order of items. fn returns a list, or a tuple of lists (one entry per item).
     How the RL scripts split generation: each process samples its share, all of them train on the whole."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import world
 from gpt import (average_over_processes, load_checkpoint, local_share, pack_sequences, process_seed, response_log_probs,
-                 save_checkpoint, shared_work, shuffled_minibatches, update, world_info)
+                 save_checkpoint, split_and_gather, shuffled_minibatches, update, world_info)
 from kernels import dpo_loss, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from report import load_stage, read_json, write_json
 
@@ -303,16 +303,19 @@ class Rollout:
         return torch.tensor([text.endswith(world.END) for text in self.texts])
 
 
-def sample_rollout(policy, tokenizer, tasks, *, samples=1, temperature=1.0, max_new_tokens=96, seed=0, shared=False):
+def sample_rollout(policy, tokenizer, tasks, *, samples=1, temperature=1.0, max_new_tokens=96, seed=0,
+                   across_processes=False):
     """`samples` replies per task from the policy (KV-cache generation, stops at the end-of-turn token).
 
-    shared=True (training, under torchrun): each process samples the replies to its share of the tasks and
-    every process receives the whole rollout, so that all of them score and train on the same global batch.
+    across_processes=True (training, under torchrun): each process samples the replies to its share of the
+    tasks, with its own seed, and every process receives the whole rollout, so that all of them score and
+    train on the same global batch. One process: the same as False.
     """
     def sample(some_tasks):
         return world.generate_responses(policy, tokenizer, some_tasks, samples=samples, temperature=temperature,
-                                        max_new_tokens=max_new_tokens, seed=process_seed(seed) if shared else seed)
-    prompts, outputs, texts = shared_work(sample, tasks) if shared else sample(tasks)
+                                        max_new_tokens=max_new_tokens,
+                                        seed=process_seed(seed) if across_processes else seed)
+    prompts, outputs, texts = split_and_gather(sample, tasks) if across_processes else sample(tasks)
     return Rollout([t for t in tasks for _ in range(samples)], prompts, outputs, texts)
 
 
@@ -357,22 +360,25 @@ class ClipConfig:
     grad_clip: float = 1.0
 
 
-def share_weights(batch, share, weight, mask):
-    """Under torchrun, how much this process's share of a minibatch counts in the whole minibatch's loss,
-    for each way of averaging token losses (kernels.aggregate_token_loss); its mean loss times this weight,
-    averaged over the processes, is the whole minibatch's mean loss. One process: all 1.
+def process_share(minibatch, mask):
+    """This process's rows of a minibatch of the rollout, and how much they count in the minibatch's loss for
+    each way of averaging token losses (kernels.aggregate_token_loss): the share's mean loss times its weight,
+    averaged over the processes, is the whole minibatch's mean loss. One process: every row, all weights 1.
 
-    batch: the minibatch's rows; share, weight: this process's rows and gpt.local_share's weight (0 for a
-    process with no rows); mask: the rollout's (N, R) reply mask.
+    minibatch: rollout row indices; mask: the rollout's (N, R) reply mask. A process with no rows in the
+    minibatch gets one row with weight 0 (gpt.local_share), so that it still takes part in the averaging.
     """
+    rows, row_weight = local_share(minibatch)  # row_weight = rows * processes / minibatch rows
     world_size = world_info()[1]
     if world_size == 1:
-        return {"token_mean": 1.0, "seq_mean": 1.0, "seq_sum_norm": 1.0}
+        return rows, {"token_mean": 1.0, "seq_mean": 1.0, "seq_sum_norm": 1.0}
     lengths = mask.sum(dim=1)
-    mine, whole = lengths[share], lengths[batch]
-    return {"token_mean": world_size * (weight > 0) * (mine.sum() / whole.sum()).item(),
-            "seq_mean": weight,  # rows * processes / minibatch rows
-            "seq_sum_norm": world_size * (weight > 0) * (len(share) * mine.max() / (len(batch) * whole.max())).item()}
+    mine, whole = lengths[rows], lengths[minibatch]
+    present = float(row_weight > 0)
+    tokens = (mine.sum() / whole.sum()).item()
+    area = (len(rows) * mine.max() / (len(minibatch) * whole.max())).item()  # Dr. GRPO: B x longest reply
+    return rows, {"token_mean": present * world_size * tokens, "seq_mean": row_weight,
+                  "seq_sum_norm": present * world_size * area}
 
 
 def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask, config, rng, *, ref_logp=None,
@@ -385,10 +391,8 @@ def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask
     every process holds the whole rollout and trains on its share of each minibatch (gradients averaged).
     """
     history = []
-    for _, batch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
-        whole = batch
-        batch, weight = local_share(whole)  # this process's rows; one process: all of them, weight 1
-        weights = share_weights(whole, batch, weight, mask)
+    for _, minibatch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
+        batch, weights = process_share(minibatch, mask)  # one process: the whole minibatch, weights 1
         rows = torch.tensor(batch, device=old_logp.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=old_logp.is_cuda):
             logp, m, entropy = response_log_probs(policy, [rollout.prompts[i] for i in batch],
@@ -478,7 +482,7 @@ def sample_groups(policy, tokenizer, draw_tasks, reward_fn, *, n_groups, group_s
     for draw in range(max_draws if dynamic else 1):
         tasks = draw_tasks(n_groups - len(kept))
         rollout = sample_rollout(policy, tokenizer, tasks, samples=group_size, temperature=temperature,
-                                 max_new_tokens=max_new_tokens, seed=seed + 7919 * draw, shared=True)
+                                 max_new_tokens=max_new_tokens, seed=seed + 7919 * draw, across_processes=True)
         rewards = torch.tensor(reward_fn(rollout), dtype=torch.float32)
         groups = rewards.view(len(tasks), group_size)
         equal = (groups.max(dim=1).values == groups.min(dim=1).values).tolist()

@@ -4,7 +4,7 @@ Every process builds the same tiny models and the same rollout, trains with the 
 (rl.clipped_policy_update with each loss aggregation and a k3 KL term, 03's value update, 07's SL-CAI
 fine-tuning), and rank 0
 saves the weights; two processes must end where one process ends. It also checks that a rollout sampled
-with shared=True is the same whole rollout in every process.
+with across_processes=True is the same whole rollout in every process.
 
     python tests/dp_worker.py OUT.pt
     torchrun --nproc_per_node=2 tests/dp_worker.py OUT.pt
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rl  # noqa: E402
 import world  # noqa: E402
 from conftest import load_script  # noqa: E402
-from gpt import GPT, GPTConfig, configure_optimizer, gather_lists, init_distributed, is_main, shared_work  # noqa: E402
+from gpt import (GPT, GPTConfig, configure_optimizer, gather_lists, init_distributed, is_main,  # noqa: E402
+                 split_and_gather)
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -39,22 +40,22 @@ def fixed_rollout(n, vocab_size, seed):
     return rl.Rollout([None] * n, prompts, replies, [""] * n)
 
 
-def check_shared_sampling(tokenizer):
-    """shared=True: every process holds the same whole rollout, and its replies are those of every task."""
+def check_sampling_across_processes(tokenizer):
+    """across_processes=True: every process holds the same whole rollout, and its replies are those of every task."""
     policy = tiny_gpt(tokenizer.vocab_size, 0)
     tasks = [world.make_task("math", "arithmetic", random.Random(i), "train") for i in range(5)]
-    rollout = rl.sample_rollout(policy, tokenizer, tasks, samples=2, max_new_tokens=6, seed=3, shared=True)
+    rollout = rl.sample_rollout(policy, tokenizer, tasks, samples=2, max_new_tokens=6, seed=3, across_processes=True)
     assert len(rollout) == 10 and rollout.tasks == [t for t in tasks for _ in range(2)]
     everyone = gather_lists([rollout.responses])
     assert all(r == everyone[0] for r in everyone), "the processes hold different rollouts"
-    assert shared_work(lambda xs: [x * x for x in xs], list(range(7))) == [x * x for x in range(7)]
+    assert split_and_gather(lambda xs: [x * x for x in xs], list(range(7))) == [x * x for x in range(7)]
 
 
 def main():
     init_distributed(torch.device("cpu"))
     docs = world.toy_internet(60, seed=0)
     tokenizer = Tokenizer.train([d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in docs], 300)
-    check_shared_sampling(tokenizer)
+    check_sampling_across_processes(tokenizer)
     vocab_size = 64
     policy = tiny_gpt(vocab_size, 1)
     reference = copy.deepcopy(policy).requires_grad_(False)
