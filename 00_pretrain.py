@@ -67,7 +67,7 @@ PRESETS = {
                            eval_max_new_tokens=48, log_every=20),
     "cpu": PretrainConfig(vocab_size=1024, n_layer=4, n_head=4, n_embd=128, block_size=256, n_docs=60000,
                           batch_size=32, max_steps=1150, lr=3e-3, warmup_steps=50),
-    "gpu": PretrainConfig(vocab_size=2048, n_layer=8, n_head=8, n_embd=512, block_size=512, n_docs=600000,
+    "gpu": PretrainConfig(vocab_size=1536, n_layer=8, n_head=8, n_embd=512, block_size=512, n_docs=600000,
                           batch_size=64, max_steps=3000, lr=1e-3, warmup_steps=200),
 }
 

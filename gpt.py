@@ -230,19 +230,30 @@ class GPT(nn.Module):
         kv_cache = KVCache(max_len=P + max_new_tokens) if use_cache else None
 
         new_tokens = [[] for _ in range(B)]
-        finished = [False] * B
+        rows = list(range(B))  # the prompt each row of `tokens` continues; finished rows are dropped
+        done = [False] * B  # per row of `tokens`: its reply has ended (the row leaves at the next compaction)
         for step in range(max_new_tokens):
-            logits = self._next_token_logits(tokens, is_real, kv_cache)  # (B, V)
-            next_token = sample_next_token(logits, temperature, top_k, generator)  # (B,)
-            for row, token in enumerate(next_token.tolist()):
-                if not finished[row]:
-                    new_tokens[row].append(token)
-                    finished[row] = token in stop_ids
-            if all(finished):
+            logits = self._next_token_logits(tokens, is_real, kv_cache)  # (b, V), b <= B rows still in the batch
+            # Sample as if all B prompts were still there (rows that left get a dummy uniform row), so
+            # each prompt's random draw does not depend on when the other replies ended.
+            all_logits = logits.new_zeros(B, logits.shape[1])
+            all_logits[rows] = logits
+            next_token = sample_next_token(all_logits, temperature, top_k, generator)[rows]  # (b,)
+            for i, token in enumerate(next_token.tolist()):
+                if not done[i]:
+                    new_tokens[rows[i]].append(token)
+                    done[i] = token in stop_ids
+            if all(done):
                 break
-            # Finished rows keep being fed tokens (the batch stays rectangular); they are ignored.
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, S + 1)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (b, S + 1)
             is_real = torch.cat([is_real, torch.ones_like(is_real[:, :1])], dim=1)
+            if sum(done) >= len(done) / 4:  # drop finished rows once they are a quarter of the batch
+                keep = [i for i in range(len(done)) if not done[i]]
+                index = torch.tensor(keep, device=device)
+                tokens, is_real = tokens[index], is_real[index]
+                if kv_cache is not None:
+                    kv_cache.keep_rows(index)
+                rows, done = [rows[i] for i in keep], [False] * len(keep)
         return new_tokens
 
     def _next_token_logits(self, tokens, is_real, kv_cache):
@@ -311,6 +322,12 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, H, end, hd)
+
+    def keep_rows(self, index):
+        """Keep only the batch rows in index (a 1-D tensor), e.g. to drop prompts whose reply has ended."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer][index]
+            self.values[layer] = self.values[layer][index]
 
     def advance(self, num_tokens):
         """Called once all layers have stored the new columns."""

@@ -173,6 +173,24 @@ def test_generation_stops_when_every_row_has_hit_a_stop_id():
     assert len(final_norm_calls) == 1  # only the prefill ran
 
 
+def test_finished_rows_leave_the_batch_and_the_other_rows_sample_as_if_they_had_stayed():
+    """Replies that end are dropped from the batch (their KV-cache rows too); every other row's
+    tokens, random draws included, must be what they would have been without any stop."""
+    model = opinionated_model()
+    prompts = [PROMPTS[i % 4][i % 3:] or [i] for i in range(12)]
+    stop_ids = (2, 5, 11, 23, 37)
+    batch_rows = []  # rows in each forward pass
+    model.ln_f.register_forward_hook(lambda module, inputs, output: batch_rows.append(output.shape[0]))
+    stopped = model.generate(prompts, 24, temperature=1.0, seed=7, stop_ids=stop_ids)
+    shrank = batch_rows[-1] < len(prompts)
+    full = model.generate(prompts, 24, temperature=1.0, seed=7)  # nothing stops: the batch never shrinks
+    for got, whole in zip(stopped, full):
+        first_stop = next((i for i, t in enumerate(whole) if t in stop_ids), len(whole) - 1)
+        assert got == whole[:first_stop + 1]
+    assert shrank, "no row left the batch: pick stop ids that end some replies early"
+    assert any(len(reply) < 24 for reply in stopped) and any(len(reply) > 3 for reply in stopped)
+
+
 def test_sampling_with_the_same_seed_is_reproducible_and_different_seeds_differ():
     model = tiny_model()
     first = model.generate(PROMPTS, 20, temperature=1.0, seed=123)

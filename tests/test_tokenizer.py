@@ -219,3 +219,16 @@ def test_train_accepts_one_string_or_an_iterable_of_documents(corpus):
     from_generator = Tokenizer.train((doc for doc in corpus), 300)
     assert from_string.vocab_size == from_generator.vocab_size == 300
     assert from_string.mergeable_ranks == from_generator.mergeable_ranks
+
+
+@pytest.mark.parametrize("preset", ["test", "cpu", "gpu"])
+def test_each_presets_vocab_size_can_be_learnt_from_the_toy_internet(preset):
+    """The toy world has about 2,000 distinct words, so BPE runs out of merges near that size; a
+    preset asking for more would fail at the start of 00 (the gpu preset once asked for 2,048)."""
+    import importlib
+    import world
+    pretrain = importlib.import_module("00_pretrain")
+    vocab_size = pretrain.PRESETS[preset].vocab_size
+    docs = world.toy_internet(5000, seed=0)
+    text = (doc if isinstance(doc, str) else " ".join(m["content"] for m in doc) for doc in docs)
+    assert Tokenizer.train(text, vocab_size).vocab_size == vocab_size
