@@ -148,8 +148,9 @@ def read_json(path):
 def plot_curves(path, panels, title, columns=4):
     """One figure with a panel per entry of panels: {panel title: {"x": label, "y": label, and any of
     "lines": {legend: (xs, ys)}, "points": {legend: (xs, ys)} (a scatter), or "labels": [...] with
-    "bars": {legend: [value per label]}}}, at most `columns` panels per row. With both lines and points, the
-    i-th points share the i-th line's colour and legend. Saved as PNG."""
+    "bars": {legend: [value per label]}}, and "legend": "outside" to put the legend beside the panel}, at most
+    `columns` panels per row. With both lines and points, the i-th points share the i-th line's colour and
+    legend. Saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,7 +174,10 @@ def plot_curves(path, panels, title, columns=4):
         ax.set_ylabel(panel["y"])
         ax.grid(alpha=0.3)
         if sum(len(panel.get(kind, {})) for kind in ("lines", "bars", "points")) > 1:
-            ax.legend(loc="center right" if "bars" in panel else "best")
+            if panel.get("legend") == "outside":  # many lines: beside the panel (the row's free space)
+                ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5)).set_in_layout(False)
+            else:
+                ax.legend(loc="center right" if "bars" in panel else "best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -200,7 +204,8 @@ def print_comparison(columns, keys):
         print(f"  {key:<22} " + " -> ".join(f"{metrics[key]:8.3f}" for metrics in columns.values()))
     last = list(columns.values())[-1]
     if "win_rate_vs_sft" in last:
-        print(f"  win rate vs SFT        {last['win_rate_vs_sft']:.3f}   KL to SFT {last['kl_to_sft']:.3f} nats")
+        ties = f" (ties {last['tie_rate_vs_sft']:.3f})" if "tie_rate_vs_sft" in last else ""
+        print(f"  win rate vs SFT        {last['win_rate_vs_sft']:.3f}{ties}   KL to SFT {last['kl_to_sft']:.3f} nats")
 
 
 def write_task_samples(path, title, tasks, shown, replies, samples):
@@ -293,6 +298,7 @@ def plot_methods(path, methods, kl, sft_metrics, preset):
         ax.set_xlabel("KL to the SFT model (nats per reply)")
         ax.set_ylabel(key.replace("_", " "))
         ax.grid(alpha=0.3)
+        ax.margins(x=0.1, y=0.12)  # room for the labels of the outermost points
     axes[0].set_title("gold score against distance from SFT")
     axes[1].set_title("win rate against SFT (gold judge)")
     fig.suptitle(f"Every method on the eval suite ({preset} preset)")

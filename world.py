@@ -838,7 +838,7 @@ def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tok
     order, so a later stage can compute its win rate against these. With ref_model (the SFT model),
     kl_to_sft = mean over replies of sum_t log pi(y_t) - log ref(y_t) (k1, sampled from pi);
     with ref_texts (the SFT model's replies to the same tasks and seed), win_rate_vs_sft under the
-    gold judge, ties counting half.
+    gold judge, ties counting half, and tie_rate_vs_sft (see compare_with_reference).
     """
     prompts, outputs, texts = generate_responses(model, tokenizer, tasks, samples=samples,
                                                  temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
@@ -866,10 +866,18 @@ def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tok
     if ref_texts is not None:
         if len(ref_texts) != len(texts):
             raise ValueError("ref_texts must come from the same eval suite, samples and seed")
-        scores = [(gold_score(t, a), gold_score(t, b)) for t, a, b in zip(sampled_tasks, texts, ref_texts)]
-        wins = [0.5 if mine == theirs else float(mine > theirs) for mine, theirs in scores]
-        metrics["win_rate_vs_sft"] = _rate(wins)
+        metrics["win_rate_vs_sft"], metrics["tie_rate_vs_sft"] = compare_with_reference(sampled_tasks, texts,
+                                                                                        ref_texts)
     return metrics, texts
+
+
+def compare_with_reference(tasks, texts, ref_texts):
+    """(win rate, tie rate) of texts against ref_texts, reply by reply, under the gold judge; ties count
+    half in the win rate. A policy close to SFT often samples the same reply (the eval suite uses the same
+    seed for both), so ties are common and cap the win rate at 1 - tie rate / 2."""
+    scores = [(gold_score(t, a), gold_score(t, b)) for t, a, b in zip(tasks, texts, ref_texts)]
+    wins = [0.5 if mine == theirs else float(mine > theirs) for mine, theirs in scores]
+    return _rate(wins), _rate([float(mine == theirs) for mine, theirs in scores])
 
 
 @torch.no_grad()

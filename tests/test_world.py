@@ -177,3 +177,14 @@ def test_constitution_has_8_to_16_principles():
                                        ("What a stupid question.", True)])
 def test_rudeness_detector_matches_whole_words_only(text, rude):
     assert world.is_rude(text) is rude
+
+
+def test_win_and_tie_rates_against_a_reference():
+    tasks = [t for t in TASKS if t.family == "math"][:4]
+    ideal = [t.ideal + END for t in tasks]
+    wrong = [world.final_answer(t.truth + 1) + END for t in tasks]
+    assert world.compare_with_reference(tasks, ideal, ideal) == (0.5, 1.0)  # all ties
+    assert world.compare_with_reference(tasks, ideal, wrong) == (1.0, 0.0)
+    assert world.compare_with_reference(tasks, wrong, ideal) == (0.0, 0.0)
+    mixed = ideal[:2] + wrong[2:]  # two wins, two ties against the wrong replies
+    assert world.compare_with_reference(tasks, mixed, wrong) == (0.75, 0.5)
