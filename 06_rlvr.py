@@ -227,7 +227,7 @@ def main():
         "verifier accuracy, facts (rollouts)": {"x": "step", "y": "share verified", "lines": both("facts_verified")},
         "reward model score (rollouts)": {"x": "step", "y": "mean RM reward", "lines": both("rm_score")},
         "KL to the SFT model": {"x": "step", "y": "nats per reply (k1)", "lines": both("kl")},
-        "pass@k on the eval suite": {"x": "k", "y": "pass@k", "lines": pass_lines},
+        "pass@k on the eval suite": {"x": "k", "y": "pass@k", "lines": pass_lines, "legend": "outside"},
     }, title=f"06 RLVR ({args.preset} preset): math {pass_k['SFT']['math'][1]:.2f} -> "
              f"{pass_k['RLVR (verifier)']['math'][1]:.2f}, facts {pass_k['SFT']['facts'][1]:.2f} -> "
              f"{pass_k['RLVR (verifier)']['facts'][1]:.2f} (pass@1)", columns=3)

@@ -234,8 +234,9 @@ class GPT(nn.Module):
         done = [False] * B  # per row of `tokens`: its reply has ended (the row leaves at the next compaction)
         for step in range(max_new_tokens):
             logits = self._next_token_logits(tokens, is_real, kv_cache)  # (b, V), b <= B rows still in the batch
-            # Sample as if all B prompts were still there (rows that left get a dummy uniform row), so
-            # each prompt's random draw does not depend on when the other replies ended.
+            # Sample as if all B prompts were still there (rows that left get a dummy uniform row):
+            # torch.multinomial draws B x V random numbers whatever the probabilities, so each prompt's
+            # draw does not depend on when the other replies ended.
             all_logits = logits.new_zeros(B, logits.shape[1])
             all_logits[rows] = logits
             next_token = sample_next_token(all_logits, temperature, top_k, generator)[rows]  # (b,)
@@ -247,7 +248,7 @@ class GPT(nn.Module):
                 break
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (b, S + 1)
             is_real = torch.cat([is_real, torch.ones_like(is_real[:, :1])], dim=1)
-            if sum(done) >= len(done) / 4:  # drop finished rows once they are a quarter of the batch
+            if sum(done) >= len(done) / 4:  # drop finished rows (a copy of the cache) in a few large steps
                 keep = [i for i in range(len(done)) if not done[i]]
                 index = torch.tensor(keep, device=device)
                 tokens, is_real = tokens[index], is_real[index]
