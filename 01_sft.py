@@ -181,13 +181,15 @@ def main():
     tasks = world.eval_suite()  # the same prompts for every stage and every --seed
     metrics, texts = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens, ref_texts=base_texts)
-    metrics["win_rate_vs_base"] = metrics.pop("win_rate_vs_sft")  # SFT is the reference of later stages
+    # SFT is the reference of later stages; here the comparison is with the base model
+    metrics["win_rate_vs_base"] = metrics.pop("win_rate_vs_sft")
+    metrics["tie_rate_vs_base"] = metrics.pop("tie_rate_vs_sft")
     metrics.update(held_out_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset,
                    device=str(device), n_demos=len(demos))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"base": base_metrics, "SFT": metrics}, world.METRIC_NAMES)
-    print(f"  win rate vs base       {metrics['win_rate_vs_base']:.3f}")
+    print(f"  win rate vs base       {metrics['win_rate_vs_base']:.3f} (ties {metrics['tie_rate_vs_base']:.3f})")
     plot_curves(out / "curves.png", {
         "assistant-token loss": {"x": "step", "y": "cross-entropy (nats/token)",
                                  "lines": {"train": (curve["step"], curve["train_loss"]),

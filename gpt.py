@@ -236,7 +236,8 @@ class GPT(nn.Module):
             logits = self._next_token_logits(tokens, is_real, kv_cache)  # (b, V), b <= B rows still in the batch
             # Sample as if all B prompts were still there (rows that left get a dummy uniform row):
             # torch.multinomial draws B x V random numbers whatever the probabilities, so each prompt's
-            # draw does not depend on when the other replies ended.
+            # draw does not depend on when the other replies ended. (Its logits may still round
+            # differently in a smaller batch on some BLAS/GPU kernels; on this CPU they are identical.)
             all_logits = logits.new_zeros(B, logits.shape[1])
             all_logits[rows] = logits
             next_token = sample_next_token(all_logits, temperature, top_k, generator)[rows]  # (b,)

@@ -148,7 +148,8 @@ def read_json(path):
 def plot_curves(path, panels, title, columns=4):
     """One figure with a panel per entry of panels: {panel title: {"x": label, "y": label, and any of
     "lines": {legend: (xs, ys)}, "points": {legend: (xs, ys)} (a scatter), or "labels": [...] with
-    "bars": {legend: [value per label]}}, and "legend": "outside" to put the legend beside the panel}, at most
+    "bars": {legend: [value per label]}}, and "legend": "outside" to put the legend beside the panel, in
+    the free space of the row, which it needs: it is left out of the layout}, at most
     `columns` panels per row. With both lines and points, the i-th points share the i-th line's colour and
     legend. Saved as PNG."""
     import matplotlib

@@ -875,6 +875,8 @@ def compare_with_reference(tasks, texts, ref_texts):
     """(win rate, tie rate) of texts against ref_texts, reply by reply, under the gold judge; ties count
     half in the win rate. A policy close to SFT often samples the same reply (the eval suite uses the same
     seed for both), so ties are common and cap the win rate at 1 - tie rate / 2."""
+    if not len(tasks) == len(texts) == len(ref_texts):
+        raise ValueError("tasks, texts and ref_texts must be the same length (one reply each per sampled task)")
     scores = [(gold_score(t, a), gold_score(t, b)) for t, a, b in zip(tasks, texts, ref_texts)]
     wins = [0.5 if mine == theirs else float(mine > theirs) for mine, theirs in scores]
     return _rate(wins), _rate([float(mine == theirs) for mine, theirs in scores])

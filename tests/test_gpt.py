@@ -173,17 +173,20 @@ def test_generation_stops_when_every_row_has_hit_a_stop_id():
     assert len(final_norm_calls) == 1  # only the prefill ran
 
 
-def test_finished_rows_leave_the_batch_and_the_other_rows_sample_as_if_they_had_stayed():
+@pytest.mark.parametrize("use_cache, temperature, top_k", [(True, 1.0, None), (False, 1.0, None), (True, 0.0, None),
+                                                         (True, 1.0, 3)])
+def test_finished_rows_leave_the_batch_and_the_other_rows_sample_as_if_they_had_stayed(use_cache, temperature, top_k):
     """Replies that end are dropped from the batch (their KV-cache rows too); every other row's
     tokens, random draws included, must be what they would have been without any stop."""
     model = opinionated_model()
     prompts = [PROMPTS[i % 4][i % 3:] or [i] for i in range(12)]
     stop_ids = (2, 5, 11, 23, 37)
+    options = dict(temperature=temperature, top_k=top_k, use_cache=use_cache, seed=7)
     batch_rows = []  # rows in each forward pass
     model.ln_f.register_forward_hook(lambda module, inputs, output: batch_rows.append(output.shape[0]))
-    stopped = model.generate(prompts, 24, temperature=1.0, seed=7, stop_ids=stop_ids)
+    stopped = model.generate(prompts, 24, stop_ids=stop_ids, **options)
     shrank = batch_rows[-1] < len(prompts)
-    full = model.generate(prompts, 24, temperature=1.0, seed=7)  # nothing stops: the batch never shrinks
+    full = model.generate(prompts, 24, **options)  # nothing stops: the batch never shrinks
     for got, whole in zip(stopped, full):
         first_stop = next((i for i, t in enumerate(whole) if t in stop_ids), len(whole) - 1)
         assert got == whole[:first_stop + 1]
