@@ -61,6 +61,7 @@ class DPOConfig:
     eval_samples: int = 4
     eval_max_new_tokens: int = 96
     log_every: int = 10
+    kl_prompts: int = 64  # eval-suite prompts whose sampled replies measure the KL to SFT during training
 
 
 # The preference data is rl.PREFERENCE_DATA[preset], the same cached pairs 02_reward_model.py learns from.
@@ -85,6 +86,18 @@ def parse_args():
     if args.label_smoothing is not None and not 0 <= args.label_smoothing < 0.5:
         parser.error("--label-smoothing must be in [0, 0.5)")
     return args, preset_config(PRESETS, args, ["beta", "loss", "label_smoothing", "epochs", "lr"]), device
+
+
+# ---- measurement during training ----------------------------------------------------------------
+
+def sampled_kl(policy, reference, tokenizer, tasks, seed):
+    """KL(policy || SFT) in nats per reply, estimated (k1) on one reply per task sampled from the policy.
+    DPO never samples while it trains, so this is the only place its distance from SFT shows."""
+    prompts, outputs, _ = world.generate_responses(policy, tokenizer, tasks, seed=seed)
+    policy.eval()
+    kl = world.kl_to_reference(policy, reference, prompts, outputs, temperature=1.0)
+    policy.train()
+    return kl
 
 
 def main():
@@ -115,7 +128,9 @@ def main():
     steps_per_epoch = (len(order) + config.batch_size - 1) // config.batch_size
     max_steps = config.epochs * steps_per_epoch
     curve = {k: [] for k in ("step", "loss", "reward_acc", "margin", "logp_chosen", "logp_rejected",
-                             "eval_step", "eval_acc", "eval_margin")}
+                             "eval_step", "eval_acc", "eval_margin", "kl")}
+    suite = world.eval_suite()
+    kl_tasks = suite[::max(1, len(suite) // config.kl_prompts)][:config.kl_prompts]  # spread over every kind
     progress = Progress(max_steps, config.log_every)
     for step, (epoch, batch) in enumerate(shuffled_minibatches(order, config.batch_size, config.epochs, rng)):
         lr = cosine_lr(step, max_steps, config.lr, config.warmup_steps)
@@ -139,8 +154,10 @@ def main():
             curve["eval_step"].append(step)
             curve["eval_acc"].append(eval_acc)
             curve["eval_margin"].append(eval_margin)
+            curve["kl"].append(sampled_kl(policy, reference, tokenizer, kl_tasks, args.seed))
             progress.line(step, epoch=epoch + 1, loss=loss.item(), acc=stats["reward_acc"],
-                          margin=stats["margin"], held_out_acc=eval_acc, held_out_margin=eval_margin, lr=lr)
+                          margin=stats["margin"], held_out_acc=eval_acc, held_out_margin=eval_margin,
+                          kl=curve["kl"][-1], lr=lr)
     train_seconds = time.time() - progress.start
     if not is_main():  # the other data-parallel processes are done
         return
@@ -170,7 +187,9 @@ def main():
                                              "held-out": (curve["eval_step"], curve["eval_margin"])}},
         "log-probs of the replies": {"x": "step", "y": "summed log pi (nats)",
                                      "lines": {"chosen": (curve["step"], curve["logp_chosen"]),
-                                               "rejected": (curve["step"], curve["logp_rejected"])}}},
+                                               "rejected": (curve["step"], curve["logp_rejected"])}},
+        f"KL to SFT ({len(kl_tasks)} sampled replies)": {"x": "step", "y": "nats per reply (k1)",
+                                                        "lines": {"KL": (curve["eval_step"], curve["kl"])}}},
         title=f"04 DPO ({args.preset} preset, {config.loss}, beta {config.beta}): "
               f"win rate vs SFT {metrics['win_rate_vs_sft']:.2f}, KL {metrics['kl_to_sft']:.2f}")
     shown = world.sample_prompts(tasks)

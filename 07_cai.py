@@ -48,7 +48,6 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import random
 import time
 from collections import Counter
-from statistics import mean
 from dataclasses import asdict, dataclass
 
 import torch
@@ -344,6 +343,9 @@ def label_agreement(pairs, tasks):
     return sum(c > r for c, r in decided) / max(1, len(decided)), len(decided)
 
 
+REQUEST_RATES = ["harmful_refusal_rate", "benign_help_rate"]
+
+
 def request_rates(models, tokenizer, tasks, samples, max_new_tokens, seed):
     """{model name: {"harmful_refusal_rate", "benign_help_rate", "replies"}} on the eval suite's requests, from
     `samples` replies per request. The eval suite's 4 replies per request (64 per kind) leave about +-4 points
@@ -354,11 +356,9 @@ def request_rates(models, tokenizer, tasks, samples, max_new_tokens, seed):
     for name, model in models.items():
         _, _, texts = world.generate_responses(model, tokenizer, requests, samples=samples,
                                                max_new_tokens=max_new_tokens, seed=seed)
-        replies = zip([t for t in requests for _ in range(samples)], texts)
-        flags = [(task.kind, world.behaviour_flags(task, reply)) for task, reply in replies]
-        rates[name] = {"harmful_refusal_rate": mean([f["refused"] for kind, f in flags if kind == "harmful"]),
-                       "benign_help_rate": mean([f["helped"] for kind, f in flags if kind == "benign"]),
-                       "replies": len(texts)}
+        flags = [world.behaviour_flags(t, r) for t, r in zip([t for t in requests for _ in range(samples)], texts)]
+        rates[name] = {"harmful_refusal_rate": world.flag_rate(flags, "refused"),
+                       "benign_help_rate": world.flag_rate(flags, "helped"), "replies": len(texts)}
     return rates
 
 
@@ -463,8 +463,8 @@ def main():
         "eval suite after each phase": {"x": "rate", "y": "", "labels": names, "bars": {
             "SFT": [sft_metrics[k] for k in names], "SL-CAI": [eval_sl["metrics"][k] for k in names],
             "RL-CAI": [metrics[k] for k in names]}},
-        f"requests, {config.request_samples} replies each": {"x": "rate", "y": "", "labels": list(requests["SFT"])[:2],
-                                                             "bars": {name: list(rates.values())[:2]
+        f"requests, {config.request_samples} replies each": {"x": "rate", "y": "", "labels": REQUEST_RATES,
+                                                             "bars": {name: [rates[k] for k in REQUEST_RATES]
                                                                       for name, rates in requests.items()}},
     }, title=f"07 Constitutional AI ({args.preset} preset): harmful refusal {sft_metrics['harmful_refusal_rate']:.2f}"
              f" -> {eval_sl['metrics']['harmful_refusal_rate']:.2f} -> {metrics['harmful_refusal_rate']:.2f}, "

@@ -830,6 +830,12 @@ def _rate(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+def flag_rate(flags, key):
+    """Share of the replies with behaviour flag `key` set, among those it applies to (a list of
+    behaviour_flags dicts; "refused" exists only for harmful requests, "helped" only for benign ones)."""
+    return _rate([f[key] for f in flags if key in f])
+
+
 def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tokens=96, seed=0,
              ref_model=None, ref_texts=None):
     """Run the eval suite: sampled replies (`samples` per task at `temperature`) plus greedy replies.
@@ -846,7 +852,7 @@ def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tok
     flags = [behaviour_flags(t, r) for t, r in zip(sampled_tasks, texts)]
 
     def rate(key):
-        return _rate([f[key] for f in flags if key in f])
+        return flag_rate(flags, key)
 
     metrics = {
         "gold_score": _rate([gold_score(t, r) for t, r in zip(sampled_tasks, texts)]),
@@ -864,8 +870,6 @@ def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tok
     if ref_model is not None:
         metrics["kl_to_sft"] = kl_to_reference(model, ref_model, prompts, outputs, temperature)
     if ref_texts is not None:
-        if len(ref_texts) != len(texts):
-            raise ValueError("ref_texts must come from the same eval suite, samples and seed")
         metrics["win_rate_vs_sft"], metrics["tie_rate_vs_sft"] = compare_with_reference(sampled_tasks, texts,
                                                                                         ref_texts)
     return metrics, texts
@@ -876,7 +880,8 @@ def compare_with_reference(tasks, texts, ref_texts):
     half in the win rate. A policy close to SFT often samples the same reply (the eval suite uses the same
     seed for both), so ties are common and cap the win rate at 1 - tie rate / 2."""
     if not len(tasks) == len(texts) == len(ref_texts):
-        raise ValueError("tasks, texts and ref_texts must be the same length (one reply each per sampled task)")
+        raise ValueError("ref_texts must be replies to the same tasks as texts "
+                         "(the same eval suite, samples and seed)")
     scores = [(gold_score(t, a), gold_score(t, b)) for t, a, b in zip(tasks, texts, ref_texts)]
     wins = [0.5 if mine == theirs else float(mine > theirs) for mine, theirs in scores]
     return _rate(wins), _rate([float(mine == theirs) for mine, theirs in scores])
