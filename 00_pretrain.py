@@ -96,8 +96,7 @@ def load_or_train_tokenizer(path, documents, vocab_size):
     """Train the BPE on the corpus text once; later runs with the same corpus and vocab size reuse the file."""
     if path.exists():
         return Tokenizer.load(path)
-    text = (doc if isinstance(doc, str) else " ".join(m["content"] for m in doc) for doc in documents)
-    tokenizer = Tokenizer.train(text, vocab_size)
+    tokenizer = Tokenizer.train((world.document_text(doc) for doc in documents), vocab_size)
     tokenizer.save(path)
     return tokenizer
 

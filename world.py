@@ -691,6 +691,12 @@ def toy_internet(n_docs, seed):
     return [rng.choices(makers, weights=weights)[0][1]() for _ in range(n_docs)]
 
 
+def document_text(doc):
+    """The words of a toy-internet document: its text, or its chat messages' contents joined (what BPE learns
+    from; the chat tokens are added by the tokenizer, not learnt)."""
+    return doc if isinstance(doc, str) else " ".join(m["content"] for m in doc)
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT demonstrations: limited, with a minority of small mistakes (like real demonstrators)
 # ---------------------------------------------------------------------------------------------
@@ -877,8 +883,9 @@ def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tok
 
 def compare_with_reference(tasks, texts, ref_texts):
     """(win rate, tie rate) of texts against ref_texts, reply by reply, under the gold judge; ties count
-    half in the win rate. A policy close to SFT often samples the same reply (the eval suite uses the same
-    seed for both), so ties are common and cap the win rate at 1 - tie rate / 2."""
+    half in the win rate and cap it at 1 - tie rate / 2. Ties are common: the judge scores many different
+    replies equal (two right sums, two refusals with the alternative), and a policy close to SFT, sampled
+    with the same seed, often writes the very same reply."""
     if not len(tasks) == len(texts) == len(ref_texts):
         raise ValueError("ref_texts must be replies to the same tasks as texts "
                          "(the same eval suite, samples and seed)")

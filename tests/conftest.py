@@ -17,8 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     docs = world.toy_internet(400, seed=0)
-    text = [d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in docs]
-    return Tokenizer.train(text, 400)
+    return Tokenizer.train([world.document_text(d) for d in docs], 400)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def check_sampling_across_processes(tokenizer):
 def main():
     init_distributed(torch.device("cpu"))
     docs = world.toy_internet(60, seed=0)
-    tokenizer = Tokenizer.train([d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in docs], 300)
+    tokenizer = Tokenizer.train([world.document_text(d) for d in docs], 300)
     check_sampling_across_processes(tokenizer)
     vocab_size = 64
     policy = tiny_gpt(vocab_size, 1)

@@ -17,8 +17,7 @@ from tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def tokenizer():
     docs = world.toy_internet(400, seed=0)
-    text = [d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in docs]
-    return Tokenizer.train(text, 400)
+    return Tokenizer.train([world.document_text(d) for d in docs], 400)
 
 
 def tiny_gpt(tokenizer, seed=0):

@@ -230,5 +230,4 @@ def test_each_presets_vocab_size_can_be_learnt_from_the_toy_internet(preset):
     pretrain = importlib.import_module("00_pretrain")
     vocab_size = pretrain.PRESETS[preset].vocab_size
     docs = world.toy_internet(5000, seed=0)
-    text = (doc if isinstance(doc, str) else " ".join(m["content"] for m in doc) for doc in docs)
-    assert Tokenizer.train(text, vocab_size).vocab_size == vocab_size
+    assert Tokenizer.train((world.document_text(d) for d in docs), vocab_size).vocab_size == vocab_size

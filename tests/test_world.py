@@ -118,7 +118,7 @@ def test_every_phrasing_is_seen_in_training_but_each_eval_question_in_a_held_out
 
 def test_unknown_places_never_appear_in_the_toy_internet():
     corpus = world.toy_internet(3000, seed=0)
-    text = " ".join(d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in corpus)
+    text = " ".join(world.document_text(d) for d in corpus)
     for place in world.KNOWN[:5]:
         assert place.capital in text
     eval_unknown = {p.country for p, _ in world.fact_questions("unknown", "eval")}
