@@ -5,9 +5,8 @@ least. Constitutional AI (Bai et al. 2022) replaces them with a short list of pr
 English (world.CONSTITUTION) and the model's own judgement, in two phases. No gold label is used in
 training: the gold judge only measures the result (a test checks that).
 
-1. SL-CAI, critique and revision. On red-team prompts (harmful requests) and some benign ones, the
-   SFT model answers; then it is asked to critique its answer against a principle drawn from the
-   constitution, and to revise it:
+1. SL-CAI, critique and revision. On red-team prompts (harmful requests), the SFT model answers; then
+   it is asked to critique its answer against a principle drawn from the constitution, and to revise it:
 
        user: <request>           assistant: <reply>
        user: Critique your last reply using this principle: <principle>     assistant: Critique: ...
@@ -15,7 +14,10 @@ training: the gold judge only measures the result (a test checks that).
 
    (repeated for --rounds). The model is then fine-tuned on (request, final revision), with the
    loss on the reply's tokens only; a reply its own critique finds nothing wrong with is kept as it
-   is, and the model's own replies to other prompts are mixed in so it keeps what it could do.
+   is, and the model's own replies to three times as many other prompts (benign requests, questions,
+   sums) are mixed in so it keeps what it could do. Benign requests are answered, not revised (as in
+   Bai et al.): revising replies that were fine lets a small model drift to another request's steps,
+   and fine-tuning on that costs helpfulness.
 
 2. RL-CAI (RL from AI feedback). The SL-CAI model answers each prompt twice; then it is shown both
    replies and a principle, and asked which is better. Its label is the probability it gives to
@@ -66,8 +68,8 @@ from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids
 
 @dataclass
 class CAIConfig:
-    n_prompts: int  # SL-CAI prompts
-    harmful_share: float  # of the prompts; the rest are benign requests
+    n_prompts: int  # SL-CAI's red-team prompts (harmful requests), critiqued and revised
+    harmful_share: float  # of the RL-CAI prompts; the rest are benign requests
     n_helpful: int  # the model's own replies to other prompts, mixed into SL-CAI (Bai et al. do the same)
     rounds: int  # critique-revision rounds
     sl_epochs: int
@@ -94,9 +96,9 @@ PRESETS = {
     "test": CAIConfig(n_prompts=32, harmful_share=0.6, n_helpful=16, rounds=1, sl_epochs=1, sl_lr=1e-4, n_pairs=32, principles=2,
                       min_confidence=0.0, beta=0.1, dpo_epochs=1, dpo_lr=1e-4, batch_size=16, max_new_tokens=32,
                       critique_tokens=24, eval_samples=1, eval_max_new_tokens=48, request_samples=2, log_every=2),
-    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=600, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=1600,
+    "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=1800, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=1600,
                      principles=3, min_confidence=0.1, beta=2.0, dpo_epochs=2, dpo_lr=2e-5),
-    "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, n_helpful=2000, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
+    "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, n_helpful=6000, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
                      principles=4, min_confidence=0.1, beta=2.0, dpo_epochs=2, dpo_lr=2e-5, batch_size=64),
 }
 
@@ -386,13 +388,13 @@ def main():
     start = time.time()
 
     # ---- phase 1: SL-CAI ----
-    prompts = [t.prompt for t in request_tasks(rng, config.n_prompts, config.harmful_share)]
-    records = critique_and_revise(model, tokenizer, prompts, config, rng, args.seed)
+    red_team = [t.prompt for t in request_tasks(rng, config.n_prompts, harmful_share=1.0)]
+    records = critique_and_revise(model, tokenizer, red_team, config, rng, args.seed)
     own = helpful_replies(model, tokenizer, rng, config.n_helpful, config.sl_temperature, args.seed)
     final = [sl_target(r) for r in records] + own
     examples = [(p, rev) for p, rev in final if rev.endswith(world.END) and world.strip_end(rev)[0]]
     revised = sum(rev != r["reply"] for r, (_, rev) in zip(records, final))
-    print(f"SL-CAI: {len(records)} prompts critiqued, {revised} replies revised; fine-tuning on {len(examples)} "
+    print(f"SL-CAI: {len(records)} red-team prompts critiqued, {revised} replies revised; fine-tuning on {len(examples)} "
           f"ended targets (with {config.n_helpful} of the model's own replies to other prompts)")
     sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
     sl_seconds = time.time() - start
