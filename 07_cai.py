@@ -14,10 +14,10 @@ training: the gold judge only measures the result (a test checks that).
 
    (repeated for --rounds). The model is then fine-tuned on (request, final revision), with the
    loss on the reply's tokens only; a reply its own critique finds nothing wrong with is kept as it
-   is, and the model's own replies to three times as many other prompts (benign requests, questions,
-   sums) are mixed in so it keeps what it could do. Benign requests are answered, not revised (as in
-   Bai et al.): revising replies that were fine lets a small model drift to another request's steps,
-   and fine-tuning on that costs helpfulness.
+   is, and the model's own replies to other prompts (benign requests, questions, sums; three times as
+   many as the red-team prompts on the cpu and gpu presets) are mixed in so it keeps what it could do.
+   Benign requests are answered, not revised (as in Bai et al.): revising replies that were fine lets
+   a small model drift to another request's steps, and fine-tuning on that costs helpfulness.
 
 2. RL-CAI (RL from AI feedback). The SL-CAI model answers each prompt twice; then it is shown both
    replies and a principle, and asked which is better. Its label is the probability it gives to
