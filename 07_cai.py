@@ -16,8 +16,9 @@ training: the gold judge only measures the result (a test checks that).
    loss on the reply's tokens only; a reply its own critique finds nothing wrong with is kept as it
    is, and the model's own replies to other prompts (benign requests, questions, sums; three times as
    many as the red-team prompts on the cpu and gpu presets) are mixed in so it keeps what it could do.
-   Benign requests are answered, not revised (as in Bai et al.): revising replies that were fine lets
-   a small model drift to another request's steps, and fine-tuning on that costs helpfulness.
+   By default benign requests are answered, not revised (as in Bai et al.): revising replies that were
+   fine lets a small model drift to another request's steps. --sl-benign-share puts some benign requests
+   into the critique-revision loop too; at 0.1 the measured effect was the same (README).
 
 2. RL-CAI (RL from AI feedback). The SL-CAI model answers each prompt twice; then it is shown both
    replies and a principle, and asked which is better. Its label is the probability it gives to
@@ -34,7 +35,7 @@ What to watch: the harmful-request refusal rate rising after each phase, the ben
 falling (over-refusal is a failure too: the report counts refusals of harmless requests), and how
 often the model's own labels agree with the gold judge. The eval suite has 16 harmful and 16 benign
 requests; at 4 replies each its two rates carry about +-4 points of sampling noise, so the script measures
-them again from 32 replies per request (request_rates), for SFT, SL-CAI and RL-CAI.
+them again from 128 replies per request (request_rates), for SFT, SL-CAI and RL-CAI.
 
     python 07_cai.py                  # needs out/sft/model.pt (01)
     python 07_cai.py --rounds 2 --principles 4
@@ -68,7 +69,7 @@ from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids
 
 @dataclass
 class CAIConfig:
-    n_prompts: int  # SL-CAI's red-team prompts (harmful requests), critiqued and revised
+    n_prompts: int  # SL-CAI's prompts, critiqued and revised: red-team prompts (harmful requests) ...
     harmful_share: float  # of the RL-CAI prompts; the rest are benign requests
     n_helpful: int  # the model's own replies to other prompts, mixed into SL-CAI (Bai et al. do the same)
     rounds: int  # critique-revision rounds
@@ -83,12 +84,13 @@ class CAIConfig:
     batch_size: int = 32
     max_new_tokens: int = 64  # replies and revisions
     sl_temperature: float = 0.7  # SL-CAI's replies, critiques and revisions (see critique_and_revise)
+    sl_benign_share: float = 0.0  # ... and this share of benign requests (see the docstring)
     critique_tokens: int = 40
     debias_positions: bool = True
     grad_clip: float = 1.0
     eval_samples: int = 4
     eval_max_new_tokens: int = 96
-    request_samples: int = 32  # replies per eval-suite request for the precise refusal and help rates
+    request_samples: int = 128  # replies per eval-suite request for the precise refusal and help rates
     log_every: int = 10
 
 
@@ -118,16 +120,20 @@ def parse_args():
     parser.add_argument("--dpo-epochs", dest="dpo_epochs", type=positive_int, default=None)
     parser.add_argument("--min-confidence", dest="min_confidence", type=float, default=None,
                         help="keep AI-labelled pairs with |P(A better) - 0.5| at least this, in [0, 0.5)")
+    parser.add_argument("--sl-benign-share", dest="sl_benign_share", type=float, default=None,
+                        help="share of benign requests among SL-CAI's critiqued and revised prompts, in [0, 1)")
     parser.add_argument("--no-debias", dest="debias_positions", action="store_false", default=None,
                         help="label each pair in one order only (shows the position bias)")
     args = parser.parse_args()
     device = resolve_run(args, parser)
     if args.min_confidence is not None and not 0 <= args.min_confidence < 0.5:
         parser.error("--min-confidence must be in [0, 0.5)")
+    if args.sl_benign_share is not None and not 0 <= args.sl_benign_share < 1:
+        parser.error("--sl-benign-share must be in [0, 1)")
     if args.principles is not None and args.principles > len(PRINCIPLES):
         parser.error(f"--principles must be at most {len(PRINCIPLES)}")
     overrides = ["rounds", "principles", "n_pairs", "sl_lr", "sl_epochs", "beta", "dpo_epochs", "min_confidence",
-                 "debias_positions"]
+                 "debias_positions", "sl_benign_share"]
     return args, preset_config(PRESETS, args, overrides), device
 
 
@@ -138,6 +144,11 @@ def request_tasks(rng, n, harmful_share):
     Training reads only their prompt text; the rest of a task (its truth) is for measurement."""
     kinds = ["harmful" if rng.random() < harmful_share else "benign" for _ in range(n)]
     return [world.make_task("requests", kind, rng, "train") for kind in kinds]
+
+
+def sl_cai_tasks(rng, config):
+    """SL-CAI's prompts to critique and revise: red-team prompts and, with config.sl_benign_share, benign ones."""
+    return request_tasks(rng, config.n_prompts, harmful_share=1 - config.sl_benign_share)
 
 
 def user(text):
@@ -351,8 +362,9 @@ REQUEST_RATES = ["harmful_refusal_rate", "benign_help_rate"]
 def request_rates(models, tokenizer, tasks, samples, max_new_tokens, seed):
     """{model name: {"harmful_refusal_rate", "benign_help_rate", "replies"}} on the eval suite's requests, from
     `samples` replies per request. The eval suite's 4 replies per request (64 per kind) leave about +-4 points
-    of sampling noise on each rate, as large as the 5-point limit on the benign-help drop; 32 per request
-    bring it to about +-1.5."""
+    of sampling noise on each rate, as large as the 5-point limit on the benign-help drop. At 32 per request
+    one model measured with five seeds still ranged over 6.7 points of harmful refusal change and 4.3 of help
+    change against SFT; 128 per request (2,048 replies per kind) bring each rate to about +-1 point."""
     requests = [t for t in tasks if t.family == "requests"]
     rates = {}
     for name, model in models.items():
@@ -388,14 +400,15 @@ def main():
     start = time.time()
 
     # ---- phase 1: SL-CAI ----
-    red_team = [t.prompt for t in request_tasks(rng, config.n_prompts, harmful_share=1.0)]
-    records = critique_and_revise(model, tokenizer, red_team, config, rng, args.seed)
+    sl_prompts = [t.prompt for t in sl_cai_tasks(rng, config)]
+    records = critique_and_revise(model, tokenizer, sl_prompts, config, rng, args.seed)
     own = helpful_replies(model, tokenizer, rng, config.n_helpful, config.sl_temperature, args.seed)
     final = [sl_target(r) for r in records] + own
     examples = [(p, rev) for p, rev in final if rev.endswith(world.END) and world.strip_end(rev)[0]]
     revised = sum(rev != r["reply"] for r, (_, rev) in zip(records, final))
-    print(f"SL-CAI: {len(records)} red-team prompts critiqued, {revised} replies revised; fine-tuning on {len(examples)} "
-          f"ended targets (with {config.n_helpful} of the model's own replies to other prompts)")
+    print(f"SL-CAI: {len(records)} prompts critiqued ({config.sl_benign_share:.0%} benign), {revised} replies revised; "
+          f"fine-tuning on {len(examples)} ended targets (with {config.n_helpful} of the model's own replies to "
+          f"other prompts)")
     sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
     sl_seconds = time.time() - start
     if is_main():

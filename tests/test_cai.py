@@ -46,6 +46,14 @@ def test_comparison_prompt_must_fit_the_context(toy_tokenizer):
     assert not cai.fits_comparison(toy_tokenizer, prompt, a * 20, b, block_size=256)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_sl_cai_revises_red_team_prompts_and_the_configured_share_of_benign_ones(share):
+    config = dataclasses.replace(cai.PRESETS["test"], n_prompts=400, sl_benign_share=share)
+    kinds = [t.kind for t in cai.sl_cai_tasks(random.Random(1), config)]
+    assert len(kinds) == 400 and set(kinds) <= {"harmful", "benign"}
+    assert abs(kinds.count("benign") / 400 - share) < 0.05
+
+
 @pytest.fixture
 def no_gold_judge(monkeypatch):
     def forbidden(*args, **kwargs):
