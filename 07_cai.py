@@ -15,10 +15,10 @@ training: the gold judge only measures the result (a test checks that).
    (repeated for --rounds). The model is then fine-tuned on (request, final revision), with the
    loss on the reply's tokens only; a reply its own critique finds nothing wrong with is kept as it
    is, and the model's own replies to other prompts (benign requests, questions, sums; three times as
-   many as the red-team prompts on the cpu and gpu presets) are mixed in so it keeps what it could do.
+   many as SL-CAI's prompts on the cpu and gpu presets) are mixed in so it keeps what it could do.
    By default benign requests are answered, not revised (as in Bai et al.): revising replies that were
    fine lets a small model drift to another request's steps. --sl-benign-share puts some benign requests
-   into the critique-revision loop too; at 0.1 the measured effect was the same (README).
+   into the critique-revision loop too; at 0.1 the 10-seed mean was the same within noise (README).
 
 2. RL-CAI (RL from AI feedback). The SL-CAI model answers each prompt twice; then it is shown both
    replies and a principle, and asked which is better. Its label is the probability it gives to
@@ -69,7 +69,7 @@ from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids
 
 @dataclass
 class CAIConfig:
-    n_prompts: int  # SL-CAI's prompts, critiqued and revised: red-team prompts (harmful requests) ...
+    n_prompts: int  # SL-CAI's critiqued and revised prompts: red-team (harmful requests), plus sl_benign_share benign
     harmful_share: float  # of the RL-CAI prompts; the rest are benign requests
     n_helpful: int  # the model's own replies to other prompts, mixed into SL-CAI (Bai et al. do the same)
     rounds: int  # critique-revision rounds
@@ -84,7 +84,7 @@ class CAIConfig:
     batch_size: int = 32
     max_new_tokens: int = 64  # replies and revisions
     sl_temperature: float = 0.7  # SL-CAI's replies, critiques and revisions (see critique_and_revise)
-    sl_benign_share: float = 0.0  # ... and this share of benign requests (see the docstring)
+    sl_benign_share: float = 0.0  # expected share of benign requests among SL-CAI's prompts (see the docstring)
     critique_tokens: int = 40
     debias_positions: bool = True
     grad_clip: float = 1.0
@@ -364,7 +364,8 @@ def request_rates(models, tokenizer, tasks, samples, max_new_tokens, seed):
     `samples` replies per request. The eval suite's 4 replies per request (64 per kind) leave about +-4 points
     of sampling noise on each rate, as large as the 5-point limit on the benign-help drop. At 32 per request
     one model measured with five seeds still ranged over 6.7 points of harmful refusal change and 4.3 of help
-    change against SFT; 128 per request (2,048 replies per kind) bring each rate to about +-1 point."""
+    change against SFT; 128 per request (2,048 replies per kind) bring each rate to about +-1 point (a change
+    against SFT to about +-1.4)."""
     requests = [t for t in tasks if t.family == "requests"]
     rates = {}
     for name, model in models.items():
@@ -406,9 +407,9 @@ def main():
     final = [sl_target(r) for r in records] + own
     examples = [(p, rev) for p, rev in final if rev.endswith(world.END) and world.strip_end(rev)[0]]
     revised = sum(rev != r["reply"] for r, (_, rev) in zip(records, final))
-    print(f"SL-CAI: {len(records)} prompts critiqued ({config.sl_benign_share:.0%} benign), {revised} replies revised; "
-          f"fine-tuning on {len(examples)} ended targets (with {config.n_helpful} of the model's own replies to "
-          f"other prompts)")
+    print(f"SL-CAI: {len(records)} prompts critiqued (about {config.sl_benign_share:.0%} benign), {revised} replies "
+          f"revised; fine-tuning on {len(examples)} ended targets (with {config.n_helpful} of the model's own replies "
+          f"to other prompts)")
     sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
     sl_seconds = time.time() - start
     if is_main():
