@@ -244,6 +244,19 @@ def hardware():
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
+def label_offsets(points, near=0.1):
+    """Label offsets (points) for a scatter: above-right, or below-right when an earlier label sits within
+    `near` of the point (as a fraction of each axis's span), so that close points keep readable labels."""
+    xs, ys = [x for x, _ in points.values()], [y for _, y in points.values()]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    offsets, placed = {}, []
+    for name, (x, y) in points.items():
+        crowded = any(abs(x - px) / span_x < near and abs(y - py) / span_y < near for px, py in placed)
+        offsets[name] = (5, -12) if crowded else (5, 4)
+        placed.append((x, y))
+    return offsets
+
+
 def build_report(out):
     """<out>/report.md (the eval-suite metrics of every stage that has run, wall times, hardware) and
     <out>/report.png (gold score and win rate against KL to SFT, one point per method)."""
@@ -289,9 +302,10 @@ def plot_methods(path, methods, kl, sft_metrics, preset):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, reference in ((axes[0], "gold_score", sft_metrics.get("gold_score")),
                                (axes[1], "win_rate_vs_sft", 0.5)):
-        for name, metrics in methods.items():
-            ax.scatter(kl[name], metrics[key], s=40)
-            ax.annotate(name, (kl[name], metrics[key]), textcoords="offset points", xytext=(5, 4))
+        points = {name: (kl[name], metrics[key]) for name, metrics in methods.items()}
+        for name, offset in label_offsets(points).items():
+            ax.scatter(*points[name], s=40)
+            ax.annotate(name, points[name], textcoords="offset points", xytext=offset)
         if reference is not None:
             ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="SFT")
             ax.scatter([0.0], [reference], color="gray", s=40)

@@ -166,3 +166,10 @@ def test_bad_arguments_exit_with_usage_error(script, args, tmp_path):
     assert result.returncode == 2
     assert "error" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_report_plot_moves_the_label_of_a_point_next_to_an_earlier_one():
+    from report import label_offsets
+    offsets = label_offsets({"DPO": (0.29, 0.542), "CAI": (0.27, 0.539), "RLVR": (0.74, 0.562), "PPO": (0.58, 0.519)})
+    assert offsets["DPO"] == offsets["RLVR"] == offsets["PPO"] == (5, 4)  # alone: above right
+    assert offsets["CAI"] != offsets["DPO"]  # crowded by DPO's label: moved
