@@ -190,7 +190,7 @@ def main():
     metrics, texts = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens)
     metrics.update(val_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset,
-                   device=str(device), parameters=model.num_params())
+                   device=str(device), threads=torch.get_num_threads(), parameters=model.num_params())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print("base model on the eval suite:", {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()})

@@ -185,7 +185,7 @@ def main():
     metrics["win_rate_vs_base"] = metrics.pop("win_rate_vs_sft")
     metrics["tie_rate_vs_base"] = metrics.pop("tie_rate_vs_sft")
     metrics.update(held_out_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset,
-                   device=str(device), n_demos=len(demos))
+                   device=str(device), threads=torch.get_num_threads(), n_demos=len(demos))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"base": base_metrics, "SFT": metrics}, world.METRIC_NAMES)

@@ -187,7 +187,8 @@ def main():
                "reward_gold_correlation": correlation(rewards, golds),
                "reward_length_correlation": correlation(rewards, lengths),
                "calibration": {"predicted": centres, "observed": rates, "count": counts},
-               "data": data_stats, "train_seconds": train_seconds, "preset": args.preset, "device": str(device)}
+               "data": data_stats, "train_seconds": train_seconds, "preset": args.preset, "device": str(device),
+               "threads": torch.get_num_threads()}
     write_json(out / "metrics.json", metrics)
     save_reward_model(out / "model.pt", reward_model, tokenizer,
                       meta={"stage": "reward_model", "preset": args.preset, "config": asdict(config)})

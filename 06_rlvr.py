@@ -40,6 +40,8 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 import world
 from gpt import configure_optimizer, is_main, save_checkpoint
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
@@ -208,7 +210,7 @@ def main():
                    train_seconds=verifier_seconds, total_seconds=time.time() - start,
                    verifier_curve={k: [s[k] for s in verifier_curve] for k in verifier_curve[0]},
                    rm_curve={k: [s[k] for s in rm_curve] for k in rm_curve[0]}, preset=args.preset,
-                   device=str(device))
+                   device=str(device), threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "RLVR": metrics}, world.METRIC_NAMES)

@@ -456,7 +456,7 @@ def main():
                        "sl_cai": refusal_report(tasks, eval_sl["texts"], config.eval_samples),
                        "rl_cai": refusal_report(tasks, texts, config.eval_samples)},
                    sl_examples=len(examples), sl_seconds=sl_seconds, train_seconds=train_seconds,
-                   preset=args.preset, device=str(device))
+                   preset=args.preset, device=str(device), threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "SL-CAI": eval_sl["metrics"], "RL-CAI": metrics}, world.METRIC_NAMES)
