@@ -20,6 +20,7 @@ the gold score (good) and with reply length (a shortcut PPO could exploit).
 
     python 02_reward_model.py              # needs out/sft/model.pt (python 01_sft.py)
     python 02_reward_model.py --preset test
+    python 02_reward_model.py --likelihood-feature   # also read the SFT model's likelihood of the reply
 """
 
 import os
@@ -69,6 +70,9 @@ def parse_args():
     parser = run_parser(__doc__, PRESETS)
     parser.add_argument("--epochs", type=positive_int, default=None, help="override the preset's epochs")
     parser.add_argument("--lr", type=positive_float, default=None, help="override the preset's peak learning rate")
+    parser.add_argument("--likelihood-feature", action="store_true",
+                        help="also read the frozen SFT model's mean log-prob of the reply, with a learned weight "
+                             "(rl.RewardModel; an experiment beside the InstructGPT design, see the README)")
     args = parser.parse_args()
     device = resolve_run(args, parser)
     return args, preset_config(PRESETS, args, ["epochs", "lr"]), device
@@ -141,7 +145,8 @@ def main():
           f"(noise-free)")
 
     # ---- training ----
-    reward_model = RewardModel(sft).to(device).train()
+    reference = load_stage(args.out, "sft", device, frozen=True)[0] if args.likelihood_feature else None
+    reward_model = RewardModel(sft, reference).to(device).train()
     optimizer = configure_optimizer(reward_model, config.lr, config.weight_decay)
     rng = random.Random(args.seed)
     steps_per_epoch = (len(train_pairs) + config.batch_size - 1) // config.batch_size
@@ -188,7 +193,7 @@ def main():
                "reward_length_correlation": correlation(rewards, lengths),
                "calibration": {"predicted": centres, "observed": rates, "count": counts},
                "data": data_stats, "train_seconds": train_seconds, "preset": args.preset, "device": str(device),
-               "threads": torch.get_num_threads()}
+               "likelihood_feature": args.likelihood_feature, "threads": torch.get_num_threads()}
     write_json(out / "metrics.json", metrics)
     save_reward_model(out / "model.pt", reward_model, tokenizer,
                       meta={"stage": "reward_model", "preset": args.preset, "config": asdict(config)})

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import world
-from gpt import (average_over_processes, load_checkpoint, local_share, pack_sequences, process_seed, response_log_probs,
-                 save_checkpoint, split_and_gather, shuffled_minibatches, update, world_info)
+from gpt import (GPT, average_over_processes, load_checkpoint, local_share, pack_sequences, process_seed,
+                 response_log_probs, save_checkpoint, split_and_gather, shuffled_minibatches, update, world_info)
 from kernels import dpo_loss, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
 from report import load_stage, read_json, write_json
 
@@ -147,15 +148,28 @@ class RewardModel(nn.Module):
 
     The head starts near zero so every reply starts with about the same reward; offset is set after
     training so that replies sampled from the SFT model average 0.
+
+    With a `reference` (a frozen copy of the SFT model; 02's --likelihood-feature) the reward also reads
+    how likely the reference finds the reply, with a weight the model learns per reply:
+
+        r = w . h_last + b + softplus(g . h_last + c) * mean_t log p_ref(reply_t | prompt, reply_<t) - offset
+
+    A sampled solution with a slipped digit contains a token the SFT model itself thought unlikely; one
+    hidden state at the end does not show that, the likelihood does (README, 02).
     """
 
-    def __init__(self, gpt):
+    def __init__(self, gpt, reference=None):
         super().__init__()
         self.gpt = gpt
         self.head = nn.Linear(gpt.config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1e-3)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("offset", torch.zeros(()))
+        self.reference = reference.requires_grad_(False) if reference is not None else None
+        if reference is not None:
+            self.gate = nn.Linear(gpt.config.n_embd, 1)  # softplus(gate) >= 0: the likelihood's weight
+            nn.init.normal_(self.gate.weight, std=1e-3)
+            nn.init.zeros_(self.gate.bias)
 
     def forward(self, prompts, replies):
         """Rewards (B,) for lists of prompt and reply token ids."""
@@ -164,7 +178,16 @@ class RewardModel(nn.Module):
         last = prompt_lens + torch.tensor([len(r) for r in replies]) - 1  # (B,) index of the reply's last token
         hidden = self.gpt.hidden(idx.to(device))  # (B, S, d)
         h_last = hidden[torch.arange(len(replies), device=device), last.to(device)]  # (B, d)
-        return self.head(h_last).squeeze(-1) - self.offset
+        reward = self.head(h_last).squeeze(-1)
+        if self.reference is not None:
+            reward = reward + F.softplus(self.gate(h_last).squeeze(-1)) * self.reference_likelihood(prompts, replies)
+        return reward - self.offset
+
+    @torch.no_grad()
+    def reference_likelihood(self, prompts, replies):
+        """Mean log-prob per reply token under the frozen reference. -> (B,)"""
+        logp, mask = response_log_probs(self.reference, prompts, replies)
+        return (logp.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
     def token_values(self, prompts, replies):
         """The head read at every reply position instead: values (B, R), values[:, j] = V(prompt, reply_<j),
@@ -191,9 +214,13 @@ class RewardModel(nn.Module):
 
 
 def save_reward_model(path, reward_model, tokenizer, meta):
-    """The transformer as a normal checkpoint; the head and the offset travel in its meta."""
+    """The transformer as a normal checkpoint; the head and the offset (and, with the likelihood feature,
+    the gate and the reference's weights) travel in its meta."""
     head = {"weight": reward_model.head.weight.detach().cpu(), "bias": reward_model.head.bias.detach().cpu(),
             "offset": reward_model.offset.detach().cpu()}
+    if reward_model.reference is not None:
+        head["gate"] = {k: v.detach().cpu() for k, v in reward_model.gate.state_dict().items()}
+        head["reference"] = {k: v.detach().cpu() for k, v in reward_model.reference.state_dict().items()}
     save_checkpoint(path, reward_model.gpt, tokenizer=tokenizer, meta={**meta, "reward_head": head})
 
 
@@ -207,12 +234,18 @@ def load_reward_model(path, device):
     gpt, tokenizer, meta = load_checkpoint(path, device)
     if "reward_head" not in meta:
         raise ValueError(f"{path} is not a reward model checkpoint (no reward head)")
-    reward_model = RewardModel(gpt).to(device)
     head = meta["reward_head"]
+    reference = None
+    if "reference" in head:
+        reference = GPT(gpt.config)
+        reference.load_state_dict(head["reference"])
+    reward_model = RewardModel(gpt, reference).to(device)
     with torch.no_grad():
         reward_model.head.weight.copy_(head["weight"])
         reward_model.head.bias.copy_(head["bias"])
         reward_model.offset.copy_(head["offset"])
+    if reference is not None:
+        reward_model.gate.load_state_dict(head["gate"])
     return reward_model.eval(), tokenizer, meta
 
 

@@ -93,6 +93,30 @@ def test_reward_model_reads_the_last_reply_token_and_round_trips(tokenizer, tmp_
     torch.testing.assert_close(loaded.score([prompt], [reply]), reward_model.score([prompt], [reply]))
 
 
+def test_likelihood_feature_adds_the_gated_reference_log_prob_and_round_trips(tokenizer, tmp_path):
+    """02's --likelihood-feature: r = head(h_last) + softplus(gate(h_last)) * mean log p_ref(reply); the
+    reference stays frozen, and the gate and the reference travel with the checkpoint."""
+    reference = tiny_gpt(tokenizer, seed=1)
+    reward_model = RewardModel(tiny_gpt(tokenizer), reference)
+    torch.nn.init.normal_(reward_model.head.weight)
+    torch.nn.init.normal_(reward_model.gate.weight)
+    prompt, reply = [1, 2, 3], [4, 5, 6, 7]
+    reward = reward_model([prompt], [reply])
+    hidden = reward_model.gpt.hidden(torch.tensor([prompt + reply]))[0, -1]
+    logits = reference(torch.tensor([prompt + reply]))[0, len(prompt) - 1:-1]  # the positions predicting the reply
+    mean_logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(reply)[:, None]).mean()
+    expected = reward_model.head(hidden)[0] + torch.nn.functional.softplus(reward_model.gate(hidden)[0]) * mean_logp
+    torch.testing.assert_close(reward[0], expected, rtol=1e-5, atol=1e-5)
+    reward.sum().backward()
+    assert reward_model.gate.weight.grad.abs().sum() > 0 and reward_model.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in reference.parameters())
+    reward_model.offset.fill_(0.25)
+    save_reward_model(tmp_path / "rm.pt", reward_model, tokenizer, meta={"stage": "reward_model"})
+    loaded, _, _ = load_reward_model(tmp_path / "rm.pt", "cpu")
+    assert loaded.reference is not None
+    torch.testing.assert_close(loaded.score([prompt], [reply]), reward_model.score([prompt], [reply]))
+
+
 def test_pair_log_probs_sum_the_reply_tokens(tokenizer):
     model = tiny_gpt(tokenizer).double()
     pairs = ideal_vs_bad_pairs(tokenizer, n=3)

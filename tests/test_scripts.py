@@ -3,11 +3,14 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from rl import load_reward_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,6 +146,16 @@ def test_same_seed_gives_the_same_metrics_bit_for_bit(pipeline, tmp_path):
     assert first["threads"] == again["threads"] == int(PINNED_THREADS["OMP_NUM_THREADS"])  # recorded, and pinned
     for key in EXPECTED_KEYS | {"val_loss"}:
         assert first[key] == again[key], key
+
+
+def test_reward_model_with_the_likelihood_feature_runs_and_saves_its_reference(pipeline, tmp_path):
+    for stage in ("pretrain", "sft", "preferences"):
+        shutil.copytree(pipeline / stage, tmp_path / stage)
+    result = run_script("02_reward_model.py", "--preset", "test", "--likelihood-feature", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_metrics(tmp_path, "reward_model")["likelihood_feature"] is True
+    reward_model, _, _ = load_reward_model(tmp_path / "reward_model" / "model.pt", "cpu")
+    assert reward_model.reference is not None  # what 03 and 06 will load
 
 
 def test_sft_without_a_base_model_says_which_script_to_run(tmp_path):
