@@ -187,7 +187,7 @@ class RewardModel(nn.Module):
     def reference_likelihood(self, prompts, replies):
         """Mean log-prob per reply token under the frozen reference. -> (B,)"""
         logp, mask = response_log_probs(self.reference, prompts, replies)
-        return (logp.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return masked_mean(logp.float(), mask, dim=1)
 
     def token_values(self, prompts, replies):
         """The head read at every reply position instead: values (B, R), values[:, j] = V(prompt, reply_<j),
