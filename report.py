@@ -257,6 +257,19 @@ def label_offsets(points, near=0.1):
     return offsets
 
 
+def busy_seconds(timings):
+    """Seconds during which at least one stage ran: the length of the union of the stages' [started, finished]
+    intervals (stages that overlapped count once, gaps between runs not at all). Timings written before
+    stages recorded their start times count their own seconds."""
+    intervals = sorted((t["started"], t["finished"]) for t in timings if "started" in t)
+    busy = sum(t["seconds"] for t in timings if "started" not in t)
+    end = float("-inf")
+    for start, finish in intervals:
+        busy += max(0.0, finish - max(start, end))
+        end = max(end, finish)
+    return busy
+
+
 def build_report(out):
     """<out>/report.md (the eval-suite metrics of every stage that has run, wall times, hardware) and
     <out>/report.png (gold score and win rate against KL to SFT, one point per method)."""
@@ -283,7 +296,12 @@ def build_report(out):
             cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), (int, float)) else "-" for c in REPORT_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall} |")
     total = sum(t["seconds"] for t in timings.values())
-    lines += ["", f"Total wall time of the stages timed by run_all.py: {total:.0f} s ({total / 60:.1f} min).", ""]
+    lines += ["", f"Total wall time of the stages timed by run_all.py: {total:.0f} s ({total / 60:.1f} min)."]
+    busy = busy_seconds(timings.values())
+    if busy < total - 1:
+        lines.append(f"Some stages ran at the same time (run_all.py --jobs): stages were running for {busy:.0f} s "
+                     f"({busy / 60:.1f} min) in all.")
+    lines.append("")
     (out / "report.md").write_text("\n".join(lines))
 
     methods = {name: m for name, (stage, m) in rows.items() if "kl_to_sft" in m}

@@ -6,12 +6,19 @@ whose outputs are up to date (its metrics.json is newer than its script and the 
 reads, and was written by the same preset) is skipped and says so; without it, every stage runs again.
 It does not look at the shared modules (gpt.py, rl.py, world.py, ...): after editing one, run without it.
 
+With --jobs N, up to N stages run at the same time, each as soon as the stages it reads have finished
+(00 -> 01 -> {02, 05, 07}, 02 -> {03, 04, 06}); their output goes to <out>/<stage>/run.log. The small
+models of these presets leave a GPU mostly idle (rollouts are bound by kernel launches), so on a GPU this
+about halves the run. On a CPU it does not help: the stages only share the same cores.
+
     python run_all.py                     # the default preset: gpu if CUDA is available, else cpu
     python run_all.py --preset test       # the whole thing in a few minutes
     python run_all.py --skip-done         # after a failure or an edit: rerun what is out of date
+    python run_all.py --jobs 5            # on a GPU: independent stages at the same time
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +29,9 @@ from report import STAGE_SCRIPTS, build_report, read_json, write_json
 # What each stage reads from earlier stages (its outputs are out of date when any of these is newer).
 INPUTS = {"pretrain": [], "sft": ["pretrain"], "reward_model": ["sft"], "ppo": ["sft", "reward_model"],
           "dpo": ["sft"], "grpo": ["sft"], "rlvr": ["sft", "reward_model"], "cai": ["sft"]}
+# What each stage must wait for when stages run at the same time: its inputs, and for 04 also 02, because
+# both read the preference pairs that the first of them builds and caches under <out>.
+WAITS_FOR = {**INPUTS, "dpo": ["sft", "reward_model"]}
 
 
 def up_to_date(out, stage, preset):
@@ -33,6 +43,100 @@ def up_to_date(out, stage, preset):
     return all(p.is_file() and p.stat().st_mtime < metrics.stat().st_mtime for p in inputs)
 
 
+def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0):
+    """Run `stages` (in order of preference), up to `jobs` at once, each once every stage of WAITS_FOR[stage]
+    that is in `stages` has succeeded. start(stage) returns a process (poll() and returncode, as Popen);
+    finished(stage, returncode) is called as each one ends. After the first failure no stage starts; the ones
+    running are left to finish, since their outputs are still good. Returns {stage: returncode} of those run."""
+    pending, running, codes = list(stages), {}, {}
+    while running or (pending and all(code == 0 for code in codes.values())):
+        for stage, process in list(running.items()):
+            if process.poll() is not None:
+                codes[stage] = process.returncode
+                del running[stage]
+                finished(stage, process.returncode)
+        failed = any(code != 0 for code in codes.values())
+        for stage in list(pending):
+            waits = [s for s in WAITS_FOR[stage] if s in stages]
+            if not failed and len(running) < jobs and all(codes.get(s) == 0 for s in waits):
+                running[stage] = start(stage)
+                pending.remove(stage)
+        if running:
+            time.sleep(poll_seconds)
+    return codes
+
+
+def tail(path, lines=15):
+    return "".join(Path(path).read_text(errors="replace").splitlines(keepends=True)[-lines:]).rstrip()
+
+
+def stage_failed(stage, code, log=None):
+    shown = f"; the end of its log ({log}):\n{tail(log)}" if log else "; see its output above"
+    return SystemExit(f"error: {STAGE_SCRIPTS[stage]} failed (exit {code}){shown}\n"
+                      f"fix it, then `python run_all.py --skip-done` reruns from there")
+
+
+class Run:
+    """One run_all.py invocation: the stages' command line, their timings (<out>/timings.json), the clock."""
+
+    def __init__(self, args):
+        self.args, self.start = args, time.time()
+        self.common = ["--preset", args.preset, "--out", args.out, "--seed", str(args.seed)]
+        self.common += ["--device", args.device] if args.device else []
+        self.timings_path = Path(args.out) / "timings.json"
+        self.timings = read_json(self.timings_path) if self.timings_path.is_file() else {}
+
+    def command(self, stage):
+        return [sys.executable, str(Path(__file__).parent / STAGE_SCRIPTS[stage]), *self.common]
+
+    def record(self, stage, started):
+        """Time the stage took, and when it ran (the report card counts overlapping stages once)."""
+        now = time.time()
+        self.timings[stage] = {"seconds": round(now - started, 1), "preset": self.args.preset,
+                               "started": round(started, 1), "finished": round(now, 1)}
+        write_json(self.timings_path, self.timings)
+
+    def since_start(self):
+        return f"{time.time() - self.start:.0f}s"
+
+
+def run_in_order(run, stages):
+    """Each stage in turn, its output on the screen; stop at the first failure."""
+    for stage in stages:
+        print(f"==> {STAGE_SCRIPTS[stage]} --preset {run.args.preset}  ({run.since_start()} into the run)", flush=True)
+        started = time.time()
+        result = subprocess.run(run.command(stage))
+        if result.returncode != 0:
+            raise stage_failed(stage, result.returncode)
+        run.record(stage, started)
+
+
+def run_side_by_side(run, stages, jobs):
+    """Up to `jobs` stages at once (run_concurrently), each writing to <out>/<stage>/run.log."""
+    # Each stage gets an even share of the CPU cores unless the caller chose a thread count.
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), **os.environ}
+    started = {}
+
+    def launch(stage):
+        log = Path(run.args.out) / stage / "run.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"==> {STAGE_SCRIPTS[stage]} --preset {run.args.preset} started {run.since_start()} into the run "
+              f"(its output: {log})", flush=True)
+        started[stage] = time.time()
+        with open(log, "w") as handle:
+            return subprocess.Popen(run.command(stage), stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+    def finished(stage, code):
+        outcome = "done" if code == 0 else f"FAILED (exit {code})"
+        print(f"<== {STAGE_SCRIPTS[stage]} {outcome} in {time.time() - started[stage]:.0f}s", flush=True)
+        if code == 0:
+            run.record(stage, started[stage])
+
+    for stage, code in run_concurrently(stages, launch, jobs, finished).items():
+        if code != 0:
+            raise stage_failed(stage, code, Path(run.args.out) / stage / "run.log")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["test", "cpu", "gpu"], default=None)
@@ -40,29 +144,26 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip-done", action="store_true", help="skip stages whose outputs are up to date")
+    parser.add_argument("--jobs", type=int, default=1, help="stages run at the same time (default 1: in order)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     if args.preset is None:
         import torch
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
-    common = ["--preset", args.preset, "--out", args.out, "--seed", str(args.seed)]
-    common += ["--device", args.device] if args.device else []
 
-    timings_path = Path(args.out) / "timings.json"
-    timings = read_json(timings_path) if timings_path.is_file() else {}
-    start = time.time()
+    stages = []
     for stage, script in STAGE_SCRIPTS.items():
         if args.skip_done and up_to_date(args.out, stage, args.preset):
             print(f"==> {script}: up to date, skipped (--skip-done)", flush=True)
-            continue
-        print(f"==> {script} --preset {args.preset}  ({time.time() - start:.0f}s into the run)", flush=True)
-        stage_start = time.time()
-        result = subprocess.run([sys.executable, str(Path(__file__).parent / script), *common])
-        if result.returncode != 0:
-            raise SystemExit(f"error: {script} failed (exit {result.returncode}); see its output above, fix it, "
-                             f"then `python run_all.py --skip-done` reruns from there")
-        timings[stage] = {"seconds": round(time.time() - stage_start, 1), "preset": args.preset}
-        write_json(timings_path, timings)
-    print(f"all stages done in {time.time() - start:.0f}s")
+        else:
+            stages.append(stage)
+    run = Run(args)
+    if args.jobs == 1:
+        run_in_order(run, stages)
+    else:
+        run_side_by_side(run, stages, args.jobs)
+    print(f"all stages done in {run.since_start()}")
     build_report(args.out)
 
 

@@ -148,6 +148,25 @@ def test_same_seed_gives_the_same_metrics_bit_for_bit(pipeline, tmp_path):
         assert first[key] == again[key], key
 
 
+def test_run_all_jobs_reruns_two_stages_at_once_with_the_same_numbers(pipeline, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(pipeline, out)  # copy2 keeps the file times that --skip-done compares
+    for stage in ("grpo", "cai"):
+        shutil.rmtree(out / stage)
+    result = run_script("run_all.py", "--preset", "test", "--out", str(out), "--skip-done", "--jobs", "2")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.count("up to date, skipped") == 6
+    for stage in ("grpo", "cai"):
+        assert (out / stage / "run.log").read_text().strip().endswith("samples.md")  # the stage's own output
+        first, again = read_metrics(pipeline, stage), read_metrics(out, stage)
+        for key in EXPECTED_KEYS | {"kl_to_sft", "win_rate_vs_sft"}:
+            assert first[key] == again[key], (stage, key)
+    timings = json.loads((out / "timings.json").read_text())
+    grpo, cai = timings["grpo"], timings["cai"]
+    assert grpo["started"] < cai["finished"] and cai["started"] < grpo["finished"]  # they did overlap
+    assert "ran at the same time" in (out / "report.md").read_text()
+
+
 def test_reward_model_with_the_likelihood_feature_runs_and_saves_its_reference(pipeline, tmp_path):
     for stage in ("pretrain", "sft", "preferences"):
         shutil.copytree(pipeline / stage, tmp_path / stage)
