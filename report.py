@@ -106,10 +106,13 @@ def read_stage_json(out, stage, name):
 # ---- progress -----------------------------------------------------------------------------------
 
 class Progress:
-    """Prints one line per interval: step/total, the numbers given, elapsed time and ETA."""
+    """Prints one line per interval: step/total, the numbers given, elapsed time and ETA. The ETA counts
+    from the first line on, once there are two: the first step also pays for warm-up (torch.compile's
+    compilation takes a minute on a GPU), which would inflate an average over all steps for a long time."""
 
     def __init__(self, total_steps, every):
         self.total, self.every, self.start = total_steps, max(1, every), time.time()
+        self.first = None  # (step, time) of the first line
 
     def due(self, step):
         return step % self.every == 0 or step == self.total - 1
@@ -118,8 +121,13 @@ class Progress:
         from gpt import is_main
         if not is_main():  # under torchrun only rank 0 prints
             return
-        elapsed = time.time() - self.start
-        eta = elapsed / (step + 1) * (self.total - step - 1)
+        now = time.time()
+        elapsed = now - self.start
+        if self.first is None or step <= self.first[0]:
+            self.first = self.first or (step, now)
+            eta = elapsed / (step + 1) * (self.total - step - 1)
+        else:
+            eta = (now - self.first[1]) / (step - self.first[0]) * (self.total - step - 1)
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items())
         print(f"step {step + 1:>5}/{self.total}  {shown}  elapsed {elapsed:5.0f}s  eta {eta:5.0f}s", flush=True)
 

@@ -3,7 +3,7 @@ nothing new starts after a failure. Fake processes stand in for the stages, so t
 
 import pytest
 
-from report import STAGE_SCRIPTS, busy_seconds
+from report import STAGE_SCRIPTS
 from run_all import WAITS_FOR, run_concurrently
 
 STAGES = list(STAGE_SCRIPTS)
@@ -81,10 +81,3 @@ def test_stages_skipped_as_up_to_date_do_not_hold_the_others_back():
     events, codes = simulate(["ppo", "dpo", "cai"], 3)
     assert set(codes) == {"ppo", "dpo", "cai"}
     assert [e[1] for e in events[:3]] == ["ppo", "dpo", "cai"]  # all three start at once
-
-
-def test_busy_seconds_counts_overlapping_stages_once():
-    timings = [{"seconds": 10, "started": 100, "finished": 110}, {"seconds": 6, "started": 104, "finished": 110},
-               {"seconds": 3, "started": 200, "finished": 203}, {"seconds": 7}]
-    assert busy_seconds(timings) == 10 + 3 + 7
-    assert busy_seconds([{"seconds": 4}, {"seconds": 5}]) == 9

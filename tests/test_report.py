@@ -1,0 +1,23 @@
+"""report.py's progress lines and the report card's busy time."""
+
+import report
+from report import Progress, busy_seconds
+
+
+def test_eta_after_a_slow_first_step_counts_from_the_first_line(monkeypatch, capsys):
+    clock = iter([0.0, 60.0, 70.0, 80.0])  # start; step 1 ends after a minute of compilation; then 1 s a step
+    monkeypatch.setattr(report.time, "time", lambda: next(clock))
+    progress = Progress(total_steps=100, every=10)
+    for step in (0, 10, 20):
+        progress.line(step, loss=1.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("eta  5940s")  # one line only: the average of all steps so far is all there is
+    assert lines[1].endswith("eta    89s")  # 10 s for 10 steps, 89 steps to go
+    assert lines[2].endswith("eta    79s")
+
+
+def test_busy_seconds_counts_overlapping_stages_once():
+    timings = [{"seconds": 10, "started": 100, "finished": 110}, {"seconds": 6, "started": 104, "finished": 110},
+               {"seconds": 3, "started": 200, "finished": 203}, {"seconds": 7}]
+    assert busy_seconds(timings) == 10 + 3 + 7
+    assert busy_seconds([{"seconds": 4}, {"seconds": 5}]) == 9
