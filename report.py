@@ -123,11 +123,13 @@ class Progress:
             return
         now = time.time()
         elapsed = now - self.start
-        if self.first is None or step <= self.first[0]:
-            self.first = self.first or (step, now)
-            eta = elapsed / (step + 1) * (self.total - step - 1)
+        if self.first is None:
+            self.first = (step, now)
+        first_step, first_time = self.first
+        if step > first_step:
+            eta = (now - first_time) / (step - first_step) * (self.total - step - 1)
         else:
-            eta = (now - self.first[1]) / (step - self.first[0]) * (self.total - step - 1)
+            eta = elapsed / (step + 1) * (self.total - step - 1)
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items())
         print(f"step {step + 1:>5}/{self.total}  {shown}  elapsed {elapsed:5.0f}s  eta {eta:5.0f}s", flush=True)
 

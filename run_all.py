@@ -3,13 +3,15 @@
 Each stage runs as its own process with the same --preset/--out/--seed/--device, prints its own
 progress lines with an ETA, and the run stops at the first stage that fails. With --skip-done, a stage
 whose outputs are up to date (its metrics.json is newer than its script and the earlier stages' outputs it
-reads, and was written by the same preset) is skipped and says so; without it, every stage runs again.
+reads, and was written by the same preset), and none of whose inputs runs again, is skipped and says so;
+without it, every stage runs again.
 It does not look at the shared modules (gpt.py, rl.py, world.py, ...): after editing one, run without it.
 
 With --jobs N, up to N stages run at the same time, each as soon as the stages it reads have finished
-(00 -> 01 -> {02, 05, 07}, 02 -> {03, 04, 06}); their output goes to <out>/<stage>/run.log. The small
-models of these presets leave a GPU mostly idle (rollouts are bound by kernel launches), so on a GPU this
-about halves the run. On a CPU it does not help: the stages only share the same cores.
+(00 -> 01 -> {02, 05, 07}, 02 -> {03, 04, 06}); their output goes to <out>/<stage>/run.log. One stage
+of these presets' small models leaves a GPU partly idle (rollouts are bound by kernel launches): on one
+H200 the gpu preset took 9.6 min this way, while its stages' own times, each slowed by the others, add
+up to 18.6 min. On a CPU it does not help: the stages only share the same cores.
 
     python run_all.py                     # the default preset: gpu if CUDA is available, else cpu
     python run_all.py --preset test       # the whole thing in a few minutes
@@ -43,26 +45,47 @@ def up_to_date(out, stage, preset):
     return all(p.is_file() and p.stat().st_mtime < metrics.stat().st_mtime for p in inputs)
 
 
+def stages_to_run(out, preset, skip_done):
+    """The stages this run runs, in order. With skip_done, a stage is skipped when its outputs are up to date
+    and none of the stages it reads runs again (their new outputs would make it out of date)."""
+    stages = []
+    for stage, script in STAGE_SCRIPTS.items():
+        if skip_done and not set(INPUTS[stage]) & set(stages) and up_to_date(out, stage, preset):
+            print(f"==> {script}: up to date, skipped (--skip-done)", flush=True)
+        else:
+            stages.append(stage)
+    return stages
+
+
 def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0):
     """Run `stages` (in order of preference), up to `jobs` at once, each once every stage of WAITS_FOR[stage]
-    that is in `stages` has succeeded. start(stage) returns a process (poll() and returncode, as Popen);
-    finished(stage, returncode) is called as each one ends. After the first failure no stage starts; the ones
-    running are left to finish, since their outputs are still good. Returns {stage: returncode} of those run."""
+    that is in `stages` has succeeded. start(stage) returns a process (poll(), returncode and terminate(), as
+    Popen); finished(stage, returncode) is called as each one ends. After the first failure no stage starts;
+    the ones running are left to finish, since their outputs are still good. If this loop itself is stopped
+    (Ctrl-C reaching only this process, an error), the running stages are stopped too rather than left
+    running on their own. Returns {stage: returncode} of the stages run."""
     pending, running, codes = list(stages), {}, {}
-    while running or (pending and all(code == 0 for code in codes.values())):
-        for stage, process in list(running.items()):
-            if process.poll() is not None:
-                codes[stage] = process.returncode
-                del running[stage]
-                finished(stage, process.returncode)
-        failed = any(code != 0 for code in codes.values())
-        for stage in list(pending):
-            waits = [s for s in WAITS_FOR[stage] if s in stages]
-            if not failed and len(running) < jobs and all(codes.get(s) == 0 for s in waits):
-                running[stage] = start(stage)
-                pending.remove(stage)
-        if running:
-            time.sleep(poll_seconds)
+    try:
+        while running or (pending and all(code == 0 for code in codes.values())):
+            for stage, process in list(running.items()):
+                if process.poll() is not None:
+                    codes[stage] = process.returncode
+                    del running[stage]
+                    finished(stage, process.returncode)
+            failed = any(code != 0 for code in codes.values())
+            for stage in list(pending):
+                waits = [s for s in WAITS_FOR[stage] if s in stages]
+                if not failed and len(running) < jobs and all(codes.get(s) == 0 for s in waits):
+                    running[stage] = start(stage)
+                    pending.remove(stage)
+            if pending and not running and not failed:
+                raise RuntimeError(f"WAITS_FOR leaves {pending} waiting for stages that never run")
+            if running:
+                time.sleep(poll_seconds)
+    finally:
+        for process in running.values():
+            process.terminate()
+            process.wait()
     return codes
 
 
@@ -71,9 +94,10 @@ def tail(path, lines=15):
 
 
 def stage_failed(stage, code, log=None):
-    shown = f"; the end of its log ({log}):\n{tail(log)}" if log else "; see its output above"
-    return SystemExit(f"error: {STAGE_SCRIPTS[stage]} failed (exit {code}){shown}\n"
-                      f"fix it, then `python run_all.py --skip-done` reruns from there")
+    """The one-line error (with --jobs, followed by the end of the stage's log, which went to a file)."""
+    message = (f"error: {STAGE_SCRIPTS[stage]} failed (exit {code}); {'see its output above; ' if not log else ''}"
+               f"fix it, then `python run_all.py --skip-done` reruns from there")
+    return SystemExit(message + (f"\nthe end of its log ({log}):\n{tail(log)}" if log else ""))
 
 
 class Run:
@@ -113,8 +137,9 @@ def run_in_order(run, stages):
 
 def run_side_by_side(run, stages, jobs):
     """Up to `jobs` stages at once (run_concurrently), each writing to <out>/<stage>/run.log."""
-    # Each stage gets an even share of the CPU cores unless the caller chose a thread count.
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), **os.environ}
+    # Each stage gets an even share of the CPU cores it may use, unless the caller chose a thread count.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env = {"OMP_NUM_THREADS": str(max(1, cores // jobs)), **os.environ}
     started = {}
 
     def launch(stage):
@@ -152,12 +177,7 @@ def main():
         import torch
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
 
-    stages = []
-    for stage, script in STAGE_SCRIPTS.items():
-        if args.skip_done and up_to_date(args.out, stage, args.preset):
-            print(f"==> {script}: up to date, skipped (--skip-done)", flush=True)
-        else:
-            stages.append(stage)
+    stages = stages_to_run(args.out, args.preset, args.skip_done)
     run = Run(args)
     if args.jobs == 1:
         run_in_order(run, stages)

@@ -21,3 +21,6 @@ def test_busy_seconds_counts_overlapping_stages_once():
                {"seconds": 3, "started": 200, "finished": 203}, {"seconds": 7}]
     assert busy_seconds(timings) == 10 + 3 + 7
     assert busy_seconds([{"seconds": 4}, {"seconds": 5}]) == 9
+    nested_and_unsorted = [{"seconds": 5, "started": 105, "finished": 110}, {"seconds": 20, "started": 100, "finished": 120},
+                           {"seconds": 2, "started": 101, "finished": 103}]
+    assert busy_seconds(nested_and_unsorted) == 20

@@ -1,10 +1,15 @@
-"""run_all.py's scheduler for --jobs: stages start only after what they read, at most N at a time, and
-nothing new starts after a failure. Fake processes stand in for the stages, so these run in milliseconds."""
+"""run_all.py: which stages --skip-done reruns, and the scheduler for --jobs (stages start only after what
+they read, at most N at a time, nothing new after a failure). Stub metrics files and fake processes stand
+in for the stages, so these run in milliseconds."""
+
+import json
+import os
 
 import pytest
 
+import run_all
 from report import STAGE_SCRIPTS
-from run_all import WAITS_FOR, run_concurrently
+from run_all import WAITS_FOR, run_concurrently, stages_to_run
 
 STAGES = list(STAGE_SCRIPTS)
 
@@ -19,6 +24,12 @@ class FakeStage:
         self.polls -= 1
         if self.polls <= 0:
             self.returncode = self.code
+        return self.returncode
+
+    def terminate(self):
+        self.returncode = -15
+
+    def wait(self):
         return self.returncode
 
 
@@ -75,6 +86,50 @@ def test_no_stage_starts_after_a_failure_but_running_ones_finish():
     assert codes["reward_model"] == 3
     assert codes["grpo"] == 0 and codes["cai"] == 0  # started with 02, left to finish
     assert not {"ppo", "dpo", "rlvr"} & set(codes)
+
+
+def test_a_stage_that_does_not_need_the_failed_one_does_not_start_after_the_failure():
+    _, codes = simulate(STAGES, 2, polls={"reward_model": 1, "grpo": 4}, codes={"reward_model": 3})
+    assert codes["grpo"] == 0  # was running beside 02
+    assert "cai" not in codes  # needs only 01, and had a free slot, but 02 had failed
+
+
+def test_running_stages_are_stopped_when_the_scheduler_itself_stops():
+    processes = {}
+
+    def start(stage):
+        processes[stage] = FakeStage(1 if stage == "grpo" else 10, 0)
+        return processes[stage]
+
+    def finished(stage, code):
+        raise KeyboardInterrupt  # e.g. Ctrl-C sent to run_all.py alone, as 05 ends
+
+    with pytest.raises(KeyboardInterrupt):
+        run_concurrently(["grpo", "cai"], start, 2, finished, poll_seconds=0)
+    assert processes["cai"].returncode == -15  # stopped, not left running
+
+
+def write_stage(out, stage, mtime):
+    path = out / stage / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"preset": "test"}))
+    os.utime(path, (mtime, mtime))
+
+
+def test_skip_done_reruns_every_stage_that_reads_a_rerun_one(tmp_path):
+    newer_than_scripts = max((run_all.Path(run_all.__file__).parent / s).stat().st_mtime
+                             for s in STAGE_SCRIPTS.values()) + 100
+    for i, stage in enumerate(STAGES):
+        write_stage(tmp_path, stage, newer_than_scripts + i)
+    assert stages_to_run(tmp_path, "test", skip_done=True) == []
+    # 01's outputs now predate its script (01_sft.py was edited): 01 runs again, and so must every stage
+    # that reads it, although their own outputs are still newer than the old SFT model's.
+    write_stage(tmp_path, "sft", 1000)
+    assert stages_to_run(tmp_path, "test", skip_done=True) == STAGES[1:]
+    write_stage(tmp_path, "sft", newer_than_scripts + 1)
+    write_stage(tmp_path, "reward_model", 1000)
+    assert stages_to_run(tmp_path, "test", skip_done=True) == ["reward_model", "ppo", "rlvr"]
+    assert stages_to_run(tmp_path, "test", skip_done=False) == STAGES
 
 
 def test_stages_skipped_as_up_to_date_do_not_hold_the_others_back():
