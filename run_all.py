@@ -10,8 +10,8 @@ It does not look at the shared modules (gpt.py, rl.py, world.py, ...): after edi
 With --jobs N, up to N stages run at the same time, each as soon as the stages it reads have finished
 (00 -> 01 -> {02, 05, 07}, 02 -> {03, 04, 06}); their output goes to <out>/<stage>/run.log. One stage
 of these presets' small models leaves a GPU partly idle (rollouts are bound by kernel launches): on one
-H200 the gpu preset took 9.6 min this way, while its stages' own times, each slowed by the others, add
-up to 18.6 min. On a CPU it does not help: the stages only share the same cores.
+H200 the gpu preset took 9.6 min with this schedule (run by a shell script before --jobs existed), while
+its stages' own times, each slowed by the others, add up to 18.6 min. On a CPU it does not help: the stages only share the same cores.
 
     python run_all.py                     # the default preset: gpu if CUDA is available, else cpu
     python run_all.py --preset test       # the whole thing in a few minutes
@@ -93,8 +93,9 @@ def tail(path, lines=15):
     return "".join(Path(path).read_text(errors="replace").splitlines(keepends=True)[-lines:]).rstrip()
 
 
-def stage_failed(stage, code, log=None):
-    """The one-line error (with --jobs, followed by the end of the stage's log, which went to a file)."""
+def stage_failure(stage, code, log=None):
+    """The SystemExit to raise when a stage failed: a one-line error (with --jobs, followed by the end of the
+    stage's log, which went to a file)."""
     message = (f"error: {STAGE_SCRIPTS[stage]} failed (exit {code}); {'see its output above; ' if not log else ''}"
                f"fix it, then `python run_all.py --skip-done` reruns from there")
     return SystemExit(message + (f"\nthe end of its log ({log}):\n{tail(log)}" if log else ""))
@@ -131,7 +132,7 @@ def run_in_order(run, stages):
         started = time.time()
         result = subprocess.run(run.command(stage))
         if result.returncode != 0:
-            raise stage_failed(stage, result.returncode)
+            raise stage_failure(stage, result.returncode)
         run.record(stage, started)
 
 
@@ -159,7 +160,7 @@ def run_side_by_side(run, stages, jobs):
 
     for stage, code in run_concurrently(stages, launch, jobs, finished).items():
         if code != 0:
-            raise stage_failed(stage, code, Path(run.args.out) / stage / "run.log")
+            raise stage_failure(stage, code, Path(run.args.out) / stage / "run.log")
 
 
 def main():

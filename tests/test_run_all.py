@@ -2,13 +2,12 @@
 they read, at most N at a time, nothing new after a failure). Stub metrics files and fake processes stand
 in for the stages, so these run in milliseconds."""
 
-import json
 import os
 
 import pytest
 
-import run_all
-from report import STAGE_SCRIPTS
+from conftest import ROOT
+from report import STAGE_SCRIPTS, write_json
 from run_all import WAITS_FOR, run_concurrently, stages_to_run
 
 STAGES = list(STAGE_SCRIPTS)
@@ -110,15 +109,14 @@ def test_running_stages_are_stopped_when_the_scheduler_itself_stops():
 
 
 def write_stage(out, stage, mtime):
+    """A stub of a stage's outputs: a test-preset metrics.json written at `mtime`."""
     path = out / stage / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"preset": "test"}))
+    write_json(path, {"preset": "test"})
     os.utime(path, (mtime, mtime))
 
 
 def test_skip_done_reruns_every_stage_that_reads_a_rerun_one(tmp_path):
-    newer_than_scripts = max((run_all.Path(run_all.__file__).parent / s).stat().st_mtime
-                             for s in STAGE_SCRIPTS.values()) + 100
+    newer_than_scripts = max((ROOT / script).stat().st_mtime for script in STAGE_SCRIPTS.values()) + 100
     for i, stage in enumerate(STAGES):
         write_stage(tmp_path, stage, newer_than_scripts + i)
     assert stages_to_run(tmp_path, "test", skip_done=True) == []
