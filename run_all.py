@@ -8,10 +8,14 @@ without it, every stage runs again.
 It does not look at the shared modules (gpt.py, rl.py, world.py, ...): after editing one, run without it.
 
 With --jobs N, up to N stages run at the same time, each as soon as the stages it reads have finished
-(00 -> 01 -> {02, 05, 07}, 02 -> {03, 04, 06}); their output goes to <out>/<stage>/run.log. One stage
-of these presets' small models leaves a GPU partly idle (rollouts are bound by kernel launches): on one
-H200 the gpu preset took 9.6 min with this schedule (run by a shell script before --jobs existed), while
-its stages' own times, each slowed by the others, add up to 18.6 min. On a CPU it does not help: the stages only share the same cores.
+(00 -> 01 -> {02, 05, 07}, 02 -> {03, 04, 06}); their output goes to <out>/<stage>/run.log, and the screen
+shows where each one is once a minute. Each stage gets an even share of the CPU threads (00 and 01, alone,
+get all of them). One stage of these presets' small models leaves a GPU partly idle (rollouts are bound by
+kernel launches): on one H200 the gpu preset took 9.6 min with this schedule (run by a shell script before
+--jobs existed), while its stages' own times, each slowed by the others, add up to 18.6 min. On 2 CPU cores
+it hardly helps: the cpu preset took 27.2 min with --jobs 2 and 27.9 min in order on the same day, since a
+stage on one thread, beside another, ran 1.65-1.96x slower than alone on two; and one thread rounds the last bits differently from
+two, which sampling turns into different replies and so different numbers.
 
     python run_all.py                     # the default preset: gpu if CUDA is available, else cpu
     python run_all.py --preset test       # the whole thing in a few minutes
@@ -21,6 +25,7 @@ its stages' own times, each slowed by the others, add up to 18.6 min. On a CPU i
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +39,9 @@ INPUTS = {"pretrain": [], "sft": ["pretrain"], "reward_model": ["sft"], "ppo": [
 # What each stage must wait for when stages run at the same time: its inputs, and for 04 also 02, because
 # both read the preference pairs that the first of them builds and caches under <out>.
 WAITS_FOR = {**INPUTS, "dpo": ["sft", "reward_model"]}
+# Which stage takes a free slot first when several could start: 02, which three stages wait for, then 06, the
+# longest, so that the run does not end with 06 alone on the machine.
+START_FIRST = ["pretrain", "sft", "reward_model", "rlvr", "grpo", "cai", "dpo", "ppo"]
 
 
 def up_to_date(out, stage, preset):
@@ -57,10 +65,11 @@ def stages_to_run(out, preset, skip_done):
     return stages
 
 
-def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0):
+def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0, waiting=lambda running: None):
     """Run `stages` (in order of preference), up to `jobs` at once, each once every stage of WAITS_FOR[stage]
-    that is in `stages` has succeeded. start(stage) returns a process (poll(), returncode and terminate(), as
-    Popen); finished(stage, returncode) is called as each one ends. After the first failure no stage starts;
+    that is in `stages` has succeeded. start(stage, sharing) returns a process (poll(), returncode and
+    terminate(), as Popen), where `sharing` is how many stages run at the same time once it has started;
+    finished(stage, returncode) is called as each one ends, waiting(running stages) at each poll. After the first failure no stage starts;
     the ones running are left to finish, since their outputs are still good. If this loop itself is stopped
     (Ctrl-C reaching only this process, an error), the running stages are stopped too rather than left
     running on their own. Returns {stage: returncode} of the stages run."""
@@ -73,14 +82,17 @@ def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0):
                     del running[stage]
                     finished(stage, process.returncode)
             failed = any(code != 0 for code in codes.values())
-            for stage in list(pending):
-                waits = [s for s in WAITS_FOR[stage] if s in stages]
-                if not failed and len(running) < jobs and all(codes.get(s) == 0 for s in waits):
-                    running[stage] = start(stage)
-                    pending.remove(stage)
+            ready = [stage for stage in pending
+                     if all(codes.get(s) == 0 for s in WAITS_FOR[stage] if s in stages)]
+            to_start = [] if failed else ready[:jobs - len(running)]
+            sharing = len(running) + len(to_start)  # stages running once these have started
+            for stage in to_start:
+                running[stage] = start(stage, sharing)
+                pending.remove(stage)
             if pending and not running and not failed:
                 raise RuntimeError(f"WAITS_FOR leaves {pending} waiting for stages that never run")
             if running:
+                waiting(list(running))
                 time.sleep(poll_seconds)
     finally:
         for process in running.values():
@@ -91,6 +103,16 @@ def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0):
 
 def tail(path, lines=15):
     return "".join(Path(path).read_text(errors="replace").splitlines(keepends=True)[-lines:]).rstrip()
+
+
+def last_progress(log):
+    """'step 301/1150, eta 381s' from the last progress line in a stage's log (report.Progress), or None."""
+    lines = Path(log).read_text(errors="replace").splitlines() if Path(log).is_file() else []
+    for line in reversed(lines):
+        found = re.match(r"step\s+(\d+/\d+)\s.*eta\s+(\d+)s", line)
+        if found:
+            return f"step {found[1]}, eta {found[2]}s"
+    return None
 
 
 def stage_failure(stage, code, log=None):
@@ -113,6 +135,10 @@ class Run:
 
     def command(self, stage):
         return [sys.executable, str(Path(__file__).parent / STAGE_SCRIPTS[stage]), *self.common]
+
+    def log(self, stage):
+        """Where a stage's output goes when stages run side by side."""
+        return Path(self.args.out) / stage / "run.log"
 
     def record(self, stage, started):
         """Time the stage took, and when it ran (the report card counts overlapping stages once)."""
@@ -138,16 +164,17 @@ def run_in_order(run, stages):
 
 def run_side_by_side(run, stages, jobs):
     """Up to `jobs` stages at once (run_concurrently), each writing to <out>/<stage>/run.log."""
-    # Each stage gets an even share of the CPU cores it may use, unless the caller chose a thread count.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    env = {"OMP_NUM_THREADS": str(max(1, cores // jobs)), **os.environ}
     started = {}
 
-    def launch(stage):
-        log = Path(run.args.out) / stage / "run.log"
+    def launch(stage, sharing):
+        # An even share of the CPU cores among the stages running beside it (all of them for 00 and 01, which
+        # run alone), unless the caller chose a thread count. A stage keeps its threads until it ends.
+        env = {"OMP_NUM_THREADS": str(max(1, cores // sharing)), **os.environ}
+        log = run.log(stage)
         log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"==> {STAGE_SCRIPTS[stage]} --preset {run.args.preset} started {run.since_start()} into the run "
-              f"(its output: {log})", flush=True)
+        print(f"==> {STAGE_SCRIPTS[stage]} --preset {run.args.preset} started {run.since_start()} into the run, "
+              f"{env['OMP_NUM_THREADS']} thread(s) (its output: {log})", flush=True)
         started[stage] = time.time()
         with open(log, "w") as handle:
             return subprocess.Popen(run.command(stage), stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -158,9 +185,19 @@ def run_side_by_side(run, stages, jobs):
         if code == 0:
             run.record(stage, started[stage])
 
-    for stage, code in run_concurrently(stages, launch, jobs, finished).items():
+    shown = {"at": time.time()}
+
+    def waiting(running):
+        """Every minute, where each running stage is (their progress lines go to their logs)."""
+        if time.time() - shown["at"] >= 60:
+            shown["at"] = time.time()
+            where = [f"{STAGE_SCRIPTS[s]} {last_progress(run.log(s)) or 'no progress line yet'}" for s in running]
+            print(f"    {run.since_start()} into the run: " + "; ".join(where), flush=True)
+
+    preferred = sorted(stages, key=START_FIRST.index)
+    for stage, code in run_concurrently(preferred, launch, jobs, finished, waiting=waiting).items():
         if code != 0:
-            raise stage_failure(stage, code, Path(run.args.out) / stage / "run.log")
+            raise stage_failure(stage, code, run.log(stage))
 
 
 def main():

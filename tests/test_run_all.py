@@ -8,9 +8,10 @@ import pytest
 
 from conftest import ROOT
 from report import STAGE_SCRIPTS, write_json
-from run_all import WAITS_FOR, run_concurrently, stages_to_run
+from run_all import START_FIRST, WAITS_FOR, last_progress, run_concurrently, stages_to_run
 
 STAGES = list(STAGE_SCRIPTS)
+shares = {}  # stage -> `sharing` as simulate()'s last run passed it to start()
 
 
 class FakeStage:
@@ -33,12 +34,15 @@ class FakeStage:
 
 
 def simulate(stages, jobs, polls=None, codes=None):
-    """Run the scheduler on fake stages; returns the log of events and what run_concurrently returned."""
+    """Run the scheduler on fake stages; returns the log of events and what run_concurrently returned.
+    shares[stage] is the number of stages that start() was told would run beside it, itself included."""
     events, running = [], set()
+    shares.clear()
 
-    def start(stage):
+    def start(stage, sharing):
         events.append(("start", stage, frozenset(running)))
         running.add(stage)
+        shares[stage] = sharing
         return FakeStage((polls or {}).get(stage, 2), (codes or {}).get(stage, 0))
 
     def finished(stage, code):
@@ -96,7 +100,7 @@ def test_a_stage_that_does_not_need_the_failed_one_does_not_start_after_the_fail
 def test_running_stages_are_stopped_when_the_scheduler_itself_stops():
     processes = {}
 
-    def start(stage):
+    def start(stage, sharing):
         processes[stage] = FakeStage(1 if stage == "grpo" else 10, 0)
         return processes[stage]
 
@@ -134,3 +138,36 @@ def test_stages_skipped_as_up_to_date_do_not_hold_the_others_back():
     events, codes = simulate(["ppo", "dpo", "cai"], 3)
     assert set(codes) == {"ppo", "dpo", "cai"}
     assert [e[1] for e in events[:3]] == ["ppo", "dpo", "cai"]  # all three start at once
+
+
+@pytest.mark.parametrize("jobs", [2, 5])
+def test_each_stage_is_told_how_many_stages_share_the_machine_with_it(jobs):
+    """run_all gives each stage cores // sharing threads: 00 and 01 run alone and get all of them."""
+    events, _ = simulate(STAGES, jobs, polls={"reward_model": 3, "grpo": 4, "cai": 9})
+    assert shares["pretrain"] == shares["sft"] == 1
+    for event in events:
+        if event[0] == "start":
+            _, stage, running = event
+            assert len(running) < shares[stage] <= jobs
+    started_together = [e[1] for e in events if e[0] == "start"][2:2 + min(jobs, 3)]
+    assert all(shares[stage] == min(jobs, 3) for stage in started_together)  # 02, 05 (and 07) after 01
+
+
+def test_start_first_sends_the_reward_model_and_then_rlvr_into_a_free_slot():
+    """With two slots, 02 starts first after 01 and 06 (the longest stage) as soon as 02 ends, ahead of
+    07, 03 and 04, so the run does not end with 06 running alone."""
+    assert sorted(START_FIRST) == sorted(STAGES)
+    events, _ = simulate(sorted(STAGES, key=START_FIRST.index), 2, polls={"reward_model": 2, "grpo": 6})
+    starts = [stage for kind, stage, *_ in events if kind == "start"]
+    assert starts[:4] == ["pretrain", "sft", "reward_model", "grpo"]
+    assert starts[4] == "rlvr"
+
+
+def test_the_screen_shows_each_running_stage_at_its_last_progress_line(tmp_path):
+    log = tmp_path / "run.log"
+    assert last_progress(log) is None  # not written yet
+    log.write_text("preset cpu on cpu: ...\n")
+    assert last_progress(log) is None
+    log.write_text("preset cpu\nstep    21/1150  loss 3.1  tok/s 20942  elapsed   10s  eta   500s\n"
+                   "step    41/1150  loss 2.9  tok/s 21124  elapsed   19s  eta   481s\nsaved model.pt\n")
+    assert last_progress(log) == "step 41/1150, eta 481s"
