@@ -89,13 +89,14 @@ def parse_args():
     parser.add_argument("--lr", type=positive_float, default=None)
     parser.add_argument("--beta", type=float, default=None, help="k3 KL weight (>= 0)")
     parser.add_argument("--math-share", dest="math_share", type=float, default=None,
-                        help="share of training prompts that are math (the rest are fact questions), in [0, 1]")
+                        help="each training prompt's chance of being math, else a fact question; in (0, 1), "
+                             "default 0.5")
     args = parser.parse_args()
     device = resolve_run(args, parser)
     if args.beta is not None and args.beta < 0:
         parser.error("--beta must be >= 0")
-    if args.math_share is not None and not 0 <= args.math_share <= 1:
-        parser.error("--math-share must be in [0, 1]")
+    if args.math_share is not None and not 0 < args.math_share < 1:
+        parser.error("--math-share must be in (0, 1): both families are trained and tracked")
     return args, preset_config(PRESETS, args, ["steps", "rm_steps", "lr", "beta", "math_share"]), device
 
 

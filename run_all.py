@@ -13,9 +13,10 @@ shows where each one is once a minute. Each stage gets an even share of the CPU 
 get all of them). One stage of these presets' small models leaves a GPU partly idle (rollouts are bound by
 kernel launches): on one H200 the gpu preset took 9.6 min with this schedule (run by a shell script before
 --jobs existed), while its stages' own times, each slowed by the others, add up to 18.6 min. On 2 CPU cores
-it hardly helps: the cpu preset took 27.2 min with --jobs 2 and 27.9 min in order on the same day, since a
-stage on one thread, beside another, ran 1.65-1.96x slower than alone on two; and one thread rounds the last bits differently from
-two, which sampling turns into different replies and so different numbers.
+it hardly helps: the cpu preset took 27.2 min with --jobs 2 and 27.9 min in order on the same day (from 02
+on, 1080 s against 1162), since a stage on one thread, beside another, ran 1.65-1.96x slower than alone on
+two; and one thread rounds the last bits differently from two, which sampling turns into different replies
+and so different numbers.
 
     python run_all.py                     # the default preset: gpu if CUDA is available, else cpu
     python run_all.py --preset test       # the whole thing in a few minutes
@@ -65,15 +66,16 @@ def stages_to_run(out, preset, skip_done):
     return stages
 
 
-def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0, waiting=lambda running: None):
-    """Run `stages` (in order of preference), up to `jobs` at once, each once every stage of WAITS_FOR[stage]
-    that is in `stages` has succeeded. start(stage, sharing) returns a process (poll(), returncode and
-    terminate(), as Popen), where `sharing` is how many stages run at the same time once it has started;
-    finished(stage, returncode) is called as each one ends, waiting(running stages) at each poll. After the first failure no stage starts;
-    the ones running are left to finish, since their outputs are still good. If this loop itself is stopped
-    (Ctrl-C reaching only this process, an error), the running stages are stopped too rather than left
-    running on their own. Returns {stage: returncode} of the stages run."""
-    pending, running, codes = list(stages), {}, {}
+def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0, on_poll=lambda running: None):
+    """Run `stages`, up to `jobs` at once, each once every stage of WAITS_FOR[stage] that is in `stages` has
+    succeeded; of the stages ready to start, those earlier in START_FIRST go first. start(stage, sharing)
+    returns a process (poll(), returncode and terminate(), as Popen), where `sharing` is how many stages run
+    at the same time once it has started; finished(stage, returncode) is called as each one ends, and
+    on_poll(running stages) at each poll. After the first failure no stage starts; the ones running are left
+    to finish, since their outputs are still good. If this loop itself is stopped (Ctrl-C reaching only this
+    process, an error), the running stages are stopped too rather than left running on their own.
+    Returns {stage: returncode} of the stages run."""
+    pending, running, codes = sorted(stages, key=START_FIRST.index), {}, {}
     try:
         while running or (pending and all(code == 0 for code in codes.values())):
             for stage, process in list(running.items()):
@@ -92,7 +94,7 @@ def run_concurrently(stages, start, jobs, finished, poll_seconds=1.0, waiting=la
             if pending and not running and not failed:
                 raise RuntimeError(f"WAITS_FOR leaves {pending} waiting for stages that never run")
             if running:
-                waiting(list(running))
+                on_poll(list(running))
                 time.sleep(poll_seconds)
     finally:
         for process in running.values():
@@ -106,12 +108,20 @@ def tail(path, lines=15):
 
 
 def last_progress(log):
-    """'step 301/1150, eta 381s' from the last progress line in a stage's log (report.Progress), or None."""
-    lines = Path(log).read_text(errors="replace").splitlines() if Path(log).is_file() else []
+    """Where a stage is, from the last progress line (report.Progress) in its log: 'step 301/1150, eta 381s',
+    with the phase where the line names one ('step 26/40 run reward model, eta 52s'); None before the first."""
+    try:
+        lines = Path(log).read_text(errors="replace").splitlines()
+    except OSError:  # not written yet, or unreadable: the stage itself will say what went wrong
+        return None
     for line in reversed(lines):
-        found = re.match(r"step\s+(\d+/\d+)\s.*eta\s+(\d+)s", line)
+        found = re.match(r"step\s+(\d+)/(\d+)\s+(.*)\s+eta\s+(\d+)s", line)
         if found:
-            return f"step {found[1]}, eta {found[2]}s"
+            done, total, fields, eta = found.groups()
+            # the phase is the words before the first "name number" pair: "run verifier  reward 0.91 ..."
+            phase = re.match(r"((?:\S+\s+)*?)\S+\s+-?[\d.]", fields)
+            named = f"step {done}/{total} {phase[1].strip()}".strip() if phase else f"step {done}/{total}"
+            return f"{named}, last step done" if done == total else f"{named}, eta {eta}s"
     return None
 
 
@@ -169,7 +179,9 @@ def run_side_by_side(run, stages, jobs):
 
     def launch(stage, sharing):
         # An even share of the CPU cores among the stages running beside it (all of them for 00 and 01, which
-        # run alone), unless the caller chose a thread count. A stage keeps its threads until it ends.
+        # run alone), unless the caller chose a thread count. A process's thread count is set when it
+        # starts, so stages started beside more stages than later run may together ask for a few more
+        # threads than there are cores (--jobs 5 with 16 cores: 05 and 07 keep 5 when 03, 04, 06 get 3).
         env = {"OMP_NUM_THREADS": str(max(1, cores // sharing)), **os.environ}
         log = run.log(stage)
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -185,17 +197,17 @@ def run_side_by_side(run, stages, jobs):
         if code == 0:
             run.record(stage, started[stage])
 
-    shown = {"at": time.time()}
+    last_shown = time.time()
 
-    def waiting(running):
+    def show_progress(running):
         """Every minute, where each running stage is (their progress lines go to their logs)."""
-        if time.time() - shown["at"] >= 60:
-            shown["at"] = time.time()
+        nonlocal last_shown
+        if time.time() - last_shown >= 60:
+            last_shown = time.time()
             where = [f"{STAGE_SCRIPTS[s]} {last_progress(run.log(s)) or 'no progress line yet'}" for s in running]
             print(f"    {run.since_start()} into the run: " + "; ".join(where), flush=True)
 
-    preferred = sorted(stages, key=START_FIRST.index)
-    for stage, code in run_concurrently(preferred, launch, jobs, finished, waiting=waiting).items():
+    for stage, code in run_concurrently(stages, launch, jobs, finished, on_poll=show_progress).items():
         if code != 0:
             raise stage_failure(stage, code, run.log(stage))
 

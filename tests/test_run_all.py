@@ -11,7 +11,6 @@ from report import STAGE_SCRIPTS, write_json
 from run_all import START_FIRST, WAITS_FOR, last_progress, run_concurrently, stages_to_run
 
 STAGES = list(STAGE_SCRIPTS)
-shares = {}  # stage -> `sharing` as simulate()'s last run passed it to start()
 
 
 class FakeStage:
@@ -33,11 +32,13 @@ class FakeStage:
         return self.returncode
 
 
-def simulate(stages, jobs, polls=None, codes=None):
+def simulate(stages, jobs, polls=None, codes=None, shares=None, polled=None):
     """Run the scheduler on fake stages; returns the log of events and what run_concurrently returned.
-    shares[stage] is the number of stages that start() was told would run beside it, itself included."""
+    Fills shares[stage] with the `sharing` start() was given (stages running once it started, itself
+    included) and polled with the lists of running stages on_poll was given."""
     events, running = [], set()
-    shares.clear()
+    shares = {} if shares is None else shares
+    polled = [] if polled is None else polled
 
     def start(stage, sharing):
         events.append(("start", stage, frozenset(running)))
@@ -49,7 +50,7 @@ def simulate(stages, jobs, polls=None, codes=None):
         events.append(("end", stage, code))
         running.discard(stage)
 
-    return events, run_concurrently(stages, start, jobs, finished, poll_seconds=0)
+    return events, run_concurrently(stages, start, jobs, finished, poll_seconds=0, on_poll=polled.append)
 
 
 @pytest.mark.parametrize("jobs", [1, 2, 3, 5, 8])
@@ -71,7 +72,7 @@ def test_five_jobs_run_the_independent_stages_together():
     events, _ = simulate(STAGES, 5, polls={"reward_model": 2, "grpo": 9, "cai": 9})
     starts = [(stage, running) for kind, stage, *rest in events if kind == "start" for running in rest]
     assert [s for s, _ in starts][:5] == ["pretrain", "sft", "reward_model", "grpo", "cai"]
-    assert dict(starts)["ppo"] == {"grpo", "cai"}  # 02 has ended; 05 and 07 still run
+    assert dict(starts)["rlvr"] == {"grpo", "cai"}  # 02 has ended; 05 and 07 still run; 06 goes first
     assert {s for s, _ in starts[5:]} == {"ppo", "dpo", "rlvr"}
 
 
@@ -137,13 +138,15 @@ def test_skip_done_reruns_every_stage_that_reads_a_rerun_one(tmp_path):
 def test_stages_skipped_as_up_to_date_do_not_hold_the_others_back():
     events, codes = simulate(["ppo", "dpo", "cai"], 3)
     assert set(codes) == {"ppo", "dpo", "cai"}
-    assert [e[1] for e in events[:3]] == ["ppo", "dpo", "cai"]  # all three start at once
+    assert {e[1] for e in events[:3]} == {"ppo", "dpo", "cai"}  # all three start at once
 
 
 @pytest.mark.parametrize("jobs", [2, 5])
 def test_each_stage_is_told_how_many_stages_share_the_machine_with_it(jobs):
     """run_all gives each stage cores // sharing threads: 00 and 01 run alone and get all of them."""
-    events, _ = simulate(STAGES, jobs, polls={"reward_model": 3, "grpo": 4, "cai": 9})
+    shares, polled = {}, []
+    events, _ = simulate(STAGES, jobs, polls={"reward_model": 3, "grpo": 4, "cai": 9}, shares=shares, polled=polled)
+    assert polled and all(0 < len(running) <= jobs for running in polled)
     assert shares["pretrain"] == shares["sft"] == 1
     for event in events:
         if event[0] == "start":
@@ -157,7 +160,7 @@ def test_start_first_sends_the_reward_model_and_then_rlvr_into_a_free_slot():
     """With two slots, 02 starts first after 01 and 06 (the longest stage) as soon as 02 ends, ahead of
     07, 03 and 04, so the run does not end with 06 running alone."""
     assert sorted(START_FIRST) == sorted(STAGES)
-    events, _ = simulate(sorted(STAGES, key=START_FIRST.index), 2, polls={"reward_model": 2, "grpo": 6})
+    events, _ = simulate(STAGES, 2, polls={"reward_model": 2, "grpo": 6})
     starts = [stage for kind, stage, *_ in events if kind == "start"]
     assert starts[:4] == ["pretrain", "sft", "reward_model", "grpo"]
     assert starts[4] == "rlvr"
@@ -171,3 +174,8 @@ def test_the_screen_shows_each_running_stage_at_its_last_progress_line(tmp_path)
     log.write_text("preset cpu\nstep    21/1150  loss 3.1  tok/s 20942  elapsed   10s  eta   500s\n"
                    "step    41/1150  loss 2.9  tok/s 21124  elapsed   19s  eta   481s\nsaved model.pt\n")
     assert last_progress(log) == "step 41/1150, eta 481s"
+    log.write_text("step    26/40  run reward model  reward 1.237  kl 13.24  elapsed    97s  eta    52s\n")
+    assert last_progress(log) == "step 26/40 run reward model, eta 52s"  # 06's second run
+    log.write_text("step    28/28  phase RL-CAI (DPO)  loss 0.07327  acc 1  elapsed    13s  eta     0s\n")
+    assert last_progress(log) == "step 28/28 phase RL-CAI (DPO), last step done"  # evaluating, not 'eta 0s'
+    assert last_progress(tmp_path) is None  # unreadable (a directory): no line, no crash
