@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from report import STAGE_SCRIPTS, build_report, read_json, write_json
+from report import STAGE_SCRIPTS, build_report, positive_int, read_json, write_json
 
 # What each stage reads from earlier stages (its outputs are out of date when any of these is newer).
 INPUTS = {"pretrain": [], "sft": ["pretrain"], "reward_model": ["sft"], "ppo": ["sft", "reward_model"],
@@ -219,10 +219,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip-done", action="store_true", help="skip stages whose outputs are up to date")
-    parser.add_argument("--jobs", type=int, default=1, help="stages run at the same time (default 1: in order)")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="stages run at the same time (default 1: in order)")
     args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error("--jobs must be >= 1")
     if args.preset is None:
         import torch
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"

@@ -202,7 +202,7 @@ def test_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
                                          ("05_grpo.py", ["--group-size", "1"]), ("05_grpo.py", ["--loss-agg", "sum"]),
                                          ("06_rlvr.py", ["--beta", "-0.1"]), ("06_rlvr.py", ["--math-share", "1.5"]),
                                          ("07_cai.py", ["--principles", "99"]),
-                                         ("07_cai.py", ["--sl-benign-share", "1"])])
+                                         ("07_cai.py", ["--sl-benign-share", "1"]), ("run_all.py", ["--jobs", "0"])])
 def test_bad_arguments_exit_with_usage_error(script, args, tmp_path):
     result = run_script(script, "--out", str(tmp_path), *args)
     assert result.returncode == 2
