@@ -305,6 +305,11 @@ def build_report(out):
         else:
             cells = [f"{metrics[c]:.3f}" if isinstance(metrics.get(c), (int, float)) else "-" for c in REPORT_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall} |")
+    ceiling = ideal_ceiling(out)
+    if ceiling is not None:
+        lines += ["", f"The ceiling of the win-rate column: the world's ideal reply to every task would score gold 1.000 "
+                      f"and win {ceiling[0]:.3f} against SFT's replies (ties {ceiling[1]:.3f}, with every SFT reply "
+                      "that is already as good)."]
     total = sum(t["seconds"] for t in timings.values())
     lines += ["", f"Total wall time of the stages timed by run_all.py: {total:.0f} s ({total / 60:.1f} min)."]
     busy = busy_seconds(timings.values())
@@ -317,12 +322,24 @@ def build_report(out):
     methods = {name: m for name, (stage, m) in rows.items() if "kl_to_sft" in m}
     if methods:
         kl = {name: max(m["kl_to_sft"], 0.0) for name, m in methods.items()}
-        plot_methods(out / "report.png", methods, kl, rows.get("SFT", (None, {}))[1], preset)
+        plot_methods(out / "report.png", methods, kl, rows.get("SFT", (None, {}))[1], preset,
+                     ceiling[0] if ceiling else None)
     print(f"wrote {out}/report.md" + (" and report.png" if methods else ""))
 
 
-def plot_methods(path, methods, kl, sft_metrics, preset):
-    """Two panels: gold score vs KL to SFT, and win rate vs SFT vs KL to SFT, one labelled point per method."""
+def ideal_ceiling(out):
+    """(win rate, tie rate) of the world's ideal replies against the SFT model's eval replies, or None before 01
+    has run: how far above 0.5 the win rates against SFT can go on this eval suite."""
+    path = Path(out) / "sft" / "eval_texts.json"
+    if not path.is_file():
+        return None
+    import world  # only the report card needs the world here
+    return world.ideal_win_rate(world.eval_suite(), read_json(path))
+
+
+def plot_methods(path, methods, kl, sft_metrics, preset, ideal_win=None):
+    """Two panels: gold score vs KL to SFT, and win rate vs SFT vs KL to SFT, one labelled point per method;
+    the second also shows the win rate of the world's ideal replies, the most any method could reach."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -337,6 +354,9 @@ def plot_methods(path, methods, kl, sft_metrics, preset):
         if reference is not None:
             ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="SFT")
             ax.scatter([0.0], [reference], color="gray", s=40)
+        if key == "win_rate_vs_sft" and ideal_win is not None:
+            ax.axhline(ideal_win, color="green", linestyle=":", linewidth=1.5, label="the world's ideal replies")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend()
         ax.set_xlabel("KL to the SFT model (nats per reply)")
         ax.set_ylabel(key.replace("_", " "))

@@ -894,6 +894,17 @@ def compare_with_reference(tasks, texts, ref_texts):
     return _rate(wins), _rate([float(mine == theirs) for mine, theirs in scores])
 
 
+def ideal_win_rate(tasks, ref_texts):
+    """(win rate, tie rate) against ref_texts of the world's ideal reply to every task: the most any policy can
+    reach on these tasks against these replies, since the ideal can only tie a reference reply that is already
+    as good. ref_texts holds the same number of replies to each task, in task order (evaluate's texts)."""
+    samples, rest = divmod(len(ref_texts), len(tasks))
+    if rest or not samples:
+        raise ValueError(f"{len(ref_texts)} replies are not the same number of replies to each of {len(tasks)} tasks")
+    repeated = [t for t in tasks for _ in range(samples)]
+    return compare_with_reference(repeated, [t.ideal + END for t in repeated], ref_texts)
+
+
 @torch.no_grad()
 def kl_to_reference(model, ref_model, prompts, outputs, temperature, batch_size=64):
     """Mean over replies of the summed log-ratio log pi(y) - log ref(y) (a k1 estimate of KL(pi || ref))."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import report
 from rl import load_reward_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +165,12 @@ def test_run_all_jobs_reruns_two_stages_at_once_with_the_same_numbers(pipeline, 
     timings = json.loads((out / "timings.json").read_text())
     grpo, cai = timings["grpo"], timings["cai"]
     assert grpo["started"] < cai["finished"] and cai["started"] < grpo["finished"]  # they did overlap
-    assert "ran at the same time" in (out / "report.md").read_text()
+    card = (out / "report.md").read_text()
+    assert "ran at the same time" in card
+    ideal_win, _ = report.ideal_ceiling(out)
+    assert f"win {ideal_win:.3f} against SFT" in card
+    for stage in ("ppo", "dpo", "grpo", "rlvr", "cai"):  # the ideal replies' win rate bounds every method's
+        assert read_metrics(out, stage)["win_rate_vs_sft"] <= ideal_win
 
 
 def test_reward_model_with_the_likelihood_feature_runs_and_saves_its_reference(pipeline, tmp_path):

@@ -188,3 +188,20 @@ def test_win_and_tie_rates_against_a_reference():
     assert world.compare_with_reference(tasks, wrong, ideal) == (0.0, 0.0)
     mixed = ideal[:2] + wrong[2:]  # two wins, two ties against the wrong replies
     assert world.compare_with_reference(tasks, mixed, wrong) == (0.75, 0.5)
+
+
+def test_ideal_win_rate_is_the_ceiling_of_any_policy_against_the_reference():
+    tasks = [t for t in TASKS if t.family == "math"][:4]
+    ideal = [t.ideal + END for t in tasks for _ in range(2)]  # two replies per task, in task order
+    wrong = [world.final_answer(t.truth + 1) + END for t in tasks for _ in range(2)]
+    reference = ideal[:3] + wrong[3:]  # 3 of 8 replies already ideal: the ideal ties those, beats the rest
+    assert world.ideal_win_rate(tasks, reference) == (0.8125, 0.375)
+    assert world.ideal_win_rate(tasks, reference) == world.compare_with_reference(
+        [t for t in tasks for _ in range(2)], ideal, reference)
+    rng = random.Random(0)
+    for _ in range(20):  # no mix of ideal and wrong replies beats the reference by more
+        policy = [rng.choice(pair) for pair in zip(ideal, wrong)]
+        win, _ = world.compare_with_reference([t for t in tasks for _ in range(2)], policy, reference)
+        assert win <= 0.8125
+    with pytest.raises(ValueError, match="same number of replies"):
+        world.ideal_win_rate(tasks, reference[:7])
