@@ -898,8 +898,8 @@ def ideal_win_rate(tasks, ref_texts):
     """(win rate, tie rate) against ref_texts of the world's ideal reply to every task: the most any policy can
     reach on these tasks against these replies, since the ideal can only tie a reference reply that is already
     as good. ref_texts holds the same number of replies to each task, in task order (evaluate's texts)."""
-    samples, rest = divmod(len(ref_texts), len(tasks))
-    if rest or not samples:
+    samples, rest = divmod(len(ref_texts), max(len(tasks), 1))
+    if rest or not samples or not tasks:
         raise ValueError(f"{len(ref_texts)} replies are not the same number of replies to each of {len(tasks)} tasks")
     repeated = [t for t in tasks for _ in range(samples)]
     return compare_with_reference(repeated, [t.ideal + END for t in repeated], ref_texts)

@@ -1,4 +1,4 @@
-"""report.py's progress lines and the report card's busy time."""
+"""report.py's progress lines, the report card's busy time and its win-rate ceiling."""
 
 import report
 from report import Progress, busy_seconds
@@ -24,3 +24,16 @@ def test_busy_seconds_counts_overlapping_stages_once():
     nested_and_unsorted = [{"seconds": 5, "started": 105, "finished": 110}, {"seconds": 20, "started": 100, "finished": 120},
                            {"seconds": 2, "started": 101, "finished": 103}]
     assert busy_seconds(nested_and_unsorted) == 20
+
+
+def test_ideal_ceiling_reads_sft_replies_and_skips_replies_to_another_suite(tmp_path, capsys):
+    import world
+    assert report.ideal_ceiling(tmp_path) is None  # 01 has not run
+    tasks = world.eval_suite()
+    (tmp_path / "sft").mkdir()
+    ideal_twice = [t.ideal + world.END for t in tasks for _ in range(2)]
+    report.write_json(tmp_path / "sft" / "eval_texts.json", ideal_twice)
+    assert report.ideal_ceiling(tmp_path) == (0.5, 1.0)  # SFT already perfect: all ties
+    report.write_json(tmp_path / "sft" / "eval_texts.json", ideal_twice[:-1])
+    assert report.ideal_ceiling(tmp_path) is None
+    assert "no win-rate ceiling" in capsys.readouterr().out

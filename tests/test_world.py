@@ -203,5 +203,18 @@ def test_ideal_win_rate_is_the_ceiling_of_any_policy_against_the_reference():
         policy = [rng.choice(pair) for pair in zip(ideal, wrong)]
         win, _ = world.compare_with_reference([t for t in tasks for _ in range(2)], policy, reference)
         assert win <= 0.8125
+    for replies in (reference[:7], []):
+        with pytest.raises(ValueError, match="same number of replies"):
+            world.ideal_win_rate(tasks, replies)
     with pytest.raises(ValueError, match="same number of replies"):
-        world.ideal_win_rate(tasks, reference[:7])
+        world.ideal_win_rate([], [])
+
+
+def test_no_reply_scores_above_the_ideal_on_the_eval_suite():
+    """What makes the ideal replies' win rate a ceiling: the judge gives no reply more than the ideal's 1.0."""
+    for task in world.eval_suite():
+        assert gold_score(task, task.ideal + END) == 1.0, task.prompt
+        candidates = [task.ideal, task.ideal + " " + task.ideal, task.ideal[: len(task.ideal) // 2]]
+        candidates += list(task.bad.values()) + [task.ideal + " " + bad for bad in task.bad.values()]
+        for reply in candidates:
+            assert gold_score(task, reply + END) <= 1.0 and gold_score(task, reply) <= 1.0, reply
