@@ -1,0 +1,106 @@
+"""make_assignment.py: blanked bodies keep signatures and docstrings, and the copied tests fail on the stubs."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from make_assignment import blank_bodies
+
+SOURCE = '''import functools
+
+
+def helper(x):
+    return x + 1
+
+
+def documented(a, b=2):
+    """Add and square.
+
+    (a + b)^2
+    """
+    # a comment that would give the answer away
+    total = a + b
+    return total * total
+
+
+class Model:
+    def step(self, x):
+        @functools.lru_cache
+        def inner(y):
+            return y * 2
+        return inner(x)
+
+    def _private(self):
+        return 0
+'''
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_blanked_functions_keep_signature_and_docstring_and_raise():
+    source, names = blank_bodies(SOURCE, ["documented", "Model.step"])
+    assert names == ["documented", "Model.step"]
+    namespace = {}
+    exec(compile(source, "blanked", "exec"), namespace)
+    assert namespace["helper"](1) == 2  # untouched
+    assert namespace["documented"].__doc__.strip().endswith("(a + b)^2")
+    for call in (lambda: namespace["documented"](1), lambda: namespace["Model"]().step(1)):
+        with pytest.raises(NotImplementedError, match="assignment: write"):
+            call()
+    assert "a comment that would give the answer away" not in source and "inner" not in source
+    assert namespace["Model"]()._private() == 0
+
+
+def test_a_file_alone_blanks_its_public_top_level_functions():
+    source, names = blank_bodies(SOURCE)
+    assert names == ["helper", "documented"]  # not methods, not private ones
+    assert "return x + 1" not in source and "return 0" in source
+
+
+def test_unknown_names_and_one_line_bodies_are_refused():
+    with pytest.raises(ValueError, match="no function nope"):
+        blank_bodies(SOURCE, ["nope"])
+    with pytest.raises(ValueError, match="on the line of its `def`"):
+        blank_bodies("def f(x): return x\n", ["f"])
+
+
+def test_the_copied_tests_fail_on_the_stub_and_the_rest_still_pass(tmp_path):
+    out = tmp_path / "hw"
+    result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "tests/test_kernels_losses.py" in result.stdout  # the grader is named
+    assert not (out / ".git").exists() and (out / "tests" / "conftest.py").is_file()
+    graded = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_losses.py", "-k", "dpo", cwd=out)
+    assert graded.returncode == 1 and "NotImplementedError" in graded.stdout
+    others = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_losses.py", "-k", "not dpo", cwd=out)
+    assert others.returncode == 0, others.stdout[-2000:]
+
+
+def test_an_assignment_folder_inside_the_repository_is_not_copied_into_itself(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache"))
+    result = run("make_assignment.py", "kernels/advantages.py:gae_advantages", "--out", "hw1", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert not (repo / "hw1" / "hw1").exists() and (repo / "hw1" / "kernels" / "advantages.py").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["kernels/losses.py:nope"], "no function nope"),
+    (["kernels/missing.py"], "not a Python file of this repository"),
+])
+def test_bad_targets_are_one_line_errors_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "hw"
+    result = run("make_assignment.py", *args, "--out", str(out))
+    assert result.returncode == 2 and message in result.stderr and not out.exists()
+
+
+def test_a_non_empty_out_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "--out", str(tmp_path))
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
