@@ -897,7 +897,8 @@ def compare_with_reference(tasks, texts, ref_texts):
 def ideal_win_rate(tasks, ref_texts):
     """(win rate, tie rate) against ref_texts of the world's ideal reply to every task: the most any policy can
     reach on these tasks against these replies, since the ideal can only tie a reference reply that is already
-    as good. ref_texts holds the same number of replies to each task, in task order (evaluate's texts)."""
+    as good. ref_texts holds the same number of replies to each task, in task order (evaluate's texts); replies
+    are matched to tasks by that order alone, so they must come from this version of the eval suite."""
     samples, rest = divmod(len(ref_texts), max(len(tasks), 1))
     if rest or not samples or not tasks:
         raise ValueError(f"{len(ref_texts)} replies are not the same number of replies to each of {len(tasks)} tasks")

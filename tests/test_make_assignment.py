@@ -1,5 +1,6 @@
 """make_assignment.py: blanked bodies keep signatures and docstrings, and the copied tests fail on the stubs."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from make_assignment import blank_bodies
+from make_assignment import blank_bodies, grading_tests
 
 SOURCE = '''import functools
 
@@ -62,11 +63,43 @@ def test_a_file_alone_blanks_its_public_top_level_functions():
     assert "return x + 1" not in source and "return 0" in source
 
 
-def test_unknown_names_and_one_line_bodies_are_refused():
+@pytest.mark.parametrize("source, message", [
+    ("def f(x): return x\n", "shares a line"),
+    ("def f(a,\n      b): return a\n", "shares a line"),
+    ('def f():\n    """doc"""; return 1\n', "shares a line"),
+    ('def f():\n    """only a docstring"""\n', "nothing else to write"),
+    ("x = 1\n", "no function f (there are: none)"),
+])
+def test_bodies_that_cannot_be_blanked_cleanly_are_refused(source, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        blank_bodies(source, ["f"])
+
+
+def test_unknown_names_and_files_without_public_functions_are_refused():
     with pytest.raises(ValueError, match="no function nope"):
         blank_bodies(SOURCE, ["nope"])
-    with pytest.raises(ValueError, match="on the line of its `def`"):
-        blank_bodies("def f(x): return x\n", ["f"])
+    with pytest.raises(ValueError, match="no public top-level function"):
+        blank_bodies("def _private():\n    return 1\n")
+
+
+def test_async_functions_are_blanked_too():
+    source, names = blank_bodies('async def fetch(x):\n    """Wait for x."""\n    return await x\n')
+    assert names == ["fetch"] and "await" not in source and '"""Wait for x."""' in source
+
+
+def test_a_file_named_twice_gets_both_functions_blanked(tmp_path):
+    out = tmp_path / "hw"
+    result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "./kernels/losses.py:kl_penalty", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    stubbed = (out / "kernels" / "losses.py").read_text()
+    assert 'write dpo_loss"' in stubbed and 'write kl_penalty"' in stubbed
+
+
+def test_graders_are_the_test_files_naming_the_function_as_a_word():
+    graders = grading_tests(["gae_advantages"], ROOT / "tests")
+    assert "tests/test_kernels_advantages.py" in graders
+    assert "tests/test_make_assignment.py" not in graders  # names functions only as examples
+    assert grading_tests(["gae_adv"], ROOT / "tests") == []  # a prefix is not the name
 
 
 def test_the_copied_tests_fail_on_the_stub_and_the_rest_still_pass(tmp_path):
@@ -84,9 +117,34 @@ def test_the_copied_tests_fail_on_the_stub_and_the_rest_still_pass(tmp_path):
 def test_an_assignment_folder_inside_the_repository_is_not_copied_into_itself(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache"))
+    (repo / "hw1").mkdir()  # empty, so allowed; were it not left out, the copy would go into itself
     result = run("make_assignment.py", "kernels/advantages.py:gae_advantages", "--out", "hw1", cwd=repo)
     assert result.returncode == 0, result.stderr
     assert not (repo / "hw1" / "hw1").exists() and (repo / "hw1" / "kernels" / "advantages.py").is_file()
+
+
+def test_in_a_git_checkout_the_copy_holds_the_tracked_files(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache"))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "kernels", "tests", "make_assignment.py"], cwd=repo, check=True)
+    (repo / "scratch.txt").write_text("not tracked")
+    result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "--out", str(tmp_path / "hw"), cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hw" / "kernels" / "chunked.py").is_file() and not (tmp_path / "hw" / "scratch.txt").exists()
+
+
+def test_a_path_outside_the_repository_is_refused_and_an_absolute_one_inside_is_not(tmp_path):
+    outside = tmp_path / "losses.py"
+    outside.write_text("def dpo_loss():\n    return 1\n")
+    result = run("make_assignment.py", f"{outside}:dpo_loss", "--out", str(tmp_path / "hw"))
+    assert result.returncode == 2 and "not a Python file of this repository" in result.stderr
+    assert outside.read_text() == "def dpo_loss():\n    return 1\n"
+    original = (ROOT / "kernels" / "losses.py").read_text()
+    result = run("make_assignment.py", f"{ROOT / 'kernels' / 'losses.py'}:dpo_loss", "--out", str(tmp_path / "hw2"))
+    assert result.returncode == 0, result.stderr
+    assert (ROOT / "kernels" / "losses.py").read_text() == original  # the repository's own file is untouched
+    assert 'write dpo_loss"' in (tmp_path / "hw2" / "kernels" / "losses.py").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
