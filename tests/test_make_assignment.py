@@ -162,3 +162,12 @@ def test_a_non_empty_out_folder_is_not_overwritten(tmp_path):
     result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "--out", str(tmp_path))
     assert result.returncode == 2 and "not empty" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_every_kernel_has_a_test_file_that_grades_it():
+    """An assignment on any kernel must have a grader: each name kernels exports is named by a test file, except
+    the helpers tested through their callers, for which make_assignment says to grade with the whole suite."""
+    import kernels
+    tested_through_callers = {"masked_sum", "aggregate_token_loss", "default_chunk_size"}
+    ungraded = {name for name in kernels.__all__ if not grading_tests([name], ROOT / "tests")}
+    assert ungraded == tested_through_callers
