@@ -133,7 +133,8 @@ def merge_targets(targets):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("targets", nargs="+", type=parse_target, metavar="FILE[:NAME[,NAME...]]")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the assignment (must not exist or be empty)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for the assignment (must not exist or be empty)")
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty; choose a new folder")
@@ -150,7 +151,8 @@ def main():
     graders = grading_tests([name for _, names in blanked.values() for name in names], ROOT / "tests")
     if not graders:
         print("no test file names these functions (they are tested through their callers): grade with the whole suite")
-    print(f"assignment written to {args.out}; grade with:\n  cd {args.out} && python -m pytest -q {' '.join(graders)}".rstrip())
+    grade = f"cd {args.out} && python -m pytest -q {' '.join(graders)}".rstrip()
+    print(f"assignment written to {args.out}; grade with:\n  {grade}")
 
 
 if __name__ == "__main__":

@@ -307,9 +307,9 @@ def build_report(out):
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall} |")
     ceiling = ideal_ceiling(out)
     if ceiling is not None:
-        lines += ["", f"The ceiling of the win-rate column: the world's ideal reply to every task would score gold 1.000 "
-                      f"and win {ceiling[0]:.3f} against SFT's replies (ties {ceiling[1]:.3f}, with every SFT reply "
-                      "that is already as good)."]
+        lines += ["", "The ceiling of the win-rate column: the world's ideal reply to every task would score "
+                      f"gold 1.000 and win {ceiling[0]:.3f} against SFT's replies (ties {ceiling[1]:.3f}, with every "
+                      "SFT reply that is already as good)."]
     total = sum(t["seconds"] for t in timings.values())
     lines += ["", f"Total wall time of the stages timed by run_all.py: {total:.0f} s ({total / 60:.1f} min)."]
     busy = busy_seconds(timings.values())
@@ -359,7 +359,8 @@ def plot_methods(path, methods, kl, sft_metrics, preset, ideal_win=None):
             ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="SFT")
             ax.scatter([0.0], [reference], color="gray", s=40)
         if key == "win_rate_vs_sft" and ideal_win is not None:
-            ax.axhline(ideal_win, color="green", linestyle=":", linewidth=1.5, label=f"the world's ideal replies ({ideal_win:.3f})")
+            ax.axhline(ideal_win, color="green", linestyle=":", linewidth=1.5,
+                       label=f"the world's ideal replies ({ideal_win:.3f})")
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         ax.set_xlabel("KL to the SFT model (nats per reply)")

@@ -89,7 +89,8 @@ def test_async_functions_are_blanked_too():
 
 def test_a_file_named_twice_gets_both_functions_blanked(tmp_path):
     out = tmp_path / "hw"
-    result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "./kernels/losses.py:kl_penalty", "--out", str(out))
+    result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "./kernels/losses.py:kl_penalty",
+                 "--out", str(out))
     assert result.returncode == 0, result.stderr
     stubbed = (out / "kernels" / "losses.py").read_text()
     assert 'write dpo_loss"' in stubbed and 'write kl_penalty"' in stubbed
@@ -110,7 +111,8 @@ def test_the_copied_tests_fail_on_the_stub_and_the_rest_still_pass(tmp_path):
     assert not (out / ".git").exists() and (out / "tests" / "conftest.py").is_file()
     graded = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_losses.py", "-k", "dpo", cwd=out)
     assert graded.returncode == 1 and "NotImplementedError" in graded.stdout
-    others = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_losses.py", "-k", "not dpo", cwd=out)
+    others = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_losses.py", "-k", "not dpo",
+                 cwd=out)
     assert others.returncode == 0, others.stdout[-2000:]
 
 
