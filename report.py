@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+import world
+
 STAGE_SCRIPTS = {"pretrain": "00_pretrain.py", "sft": "01_sft.py", "reward_model": "02_reward_model.py",
                  "ppo": "03_ppo.py", "dpo": "04_dpo.py", "grpo": "05_grpo.py", "rlvr": "06_rlvr.py", "cai": "07_cai.py"}
 
@@ -333,7 +335,6 @@ def ideal_ceiling(out):
     path = Path(out) / "sft" / "eval_texts.json"
     if not path.is_file():
         return None
-    import world  # only the report card needs the world here
     try:
         return world.ideal_win_rate(world.eval_suite(), read_json(path))
     except ValueError as error:  # replies from another version of the eval suite: leave the ceiling out

@@ -13,10 +13,9 @@ shows where each one is once a minute. Each stage gets an even share of the CPU 
 get all of them). One stage of these presets' small models leaves a GPU partly idle (rollouts are bound by
 kernel launches): on one H200 the gpu preset took 9.6 min with this schedule (run by a shell script before
 --jobs existed), while its stages' own times, each slowed by the others, add up to 18.6 min. On 2 CPU cores
-it hardly helps: the cpu preset took 27.2 min with --jobs 2 and 27.9 min in order on the same day (from 02
-on, 1080 s against 1162), since a stage on one thread, beside another, ran 1.65-1.96x slower than alone on
-two; and one thread rounds the last bits differently from two, which sampling turns into different replies
-and so different numbers.
+it hardly helps, since the stages share the same cores, and it changes the numbers: a stage on one thread
+rounds the last bits differently from one on two, and sampling turns that into other replies (the README
+has the measurement).
 
     python run_all.py                     # the default preset: gpu if CUDA is available, else cpu
     python run_all.py --preset test       # the whole thing in a few minutes

@@ -899,10 +899,9 @@ def ideal_win_rate(tasks, ref_texts):
     reach on these tasks against these replies, since the ideal can only tie a reference reply that is already
     as good. ref_texts holds the same number of replies to each task, in task order (evaluate's texts); replies
     are matched to tasks by that order alone, so they must come from this version of the eval suite."""
-    samples, rest = divmod(len(ref_texts), max(len(tasks), 1))
-    if rest or not samples or not tasks:
+    if not tasks or not ref_texts or len(ref_texts) % len(tasks):
         raise ValueError(f"{len(ref_texts)} replies are not the same number of replies to each of {len(tasks)} tasks")
-    repeated = [t for t in tasks for _ in range(samples)]
+    repeated = [t for t in tasks for _ in range(len(ref_texts) // len(tasks))]
     return compare_with_reference(repeated, [t.ideal + END for t in repeated], ref_texts)
 
 
