@@ -347,11 +347,18 @@ def lm_loss(hidden, weight, targets, ignore_index=-100):
     """
     from kernels import linear_cross_entropy
 
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    hidden, weight = autocast_operands(hidden, weight)
     return linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
+
+
+def autocast_operands(hidden, weight):
+    """hidden and the lm_head weight in one dtype for the chunked kernels: the autocast dtype (bf16)
+    under autocast, else hidden's. Casting by hand matters: autocast would run the kernels' forward
+    matmuls in bf16, but their backward runs outside autocast and would redo them in float32, so the
+    gradients would belong to a slightly different function (and the matmuls would run slower)."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
@@ -566,7 +573,7 @@ def response_log_probs(model, prompts, responses, *, temperature=1.0, return_ent
     hidden = model.hidden(idx.to(device))  # (B, S, d)
     where = where.to(device)
     response_hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
-    weight = model.lm_head.weight.to(hidden.dtype)  # the kernel wants both operands in one dtype
+    response_hidden, weight = autocast_operands(response_hidden, model.lm_head.weight)
     mask = mask.to(device)
     if return_entropy:
         logp, entropy = linear_log_probs(response_hidden, weight, targets.to(device), temperature=temperature,

@@ -303,12 +303,15 @@ def dpo_batch(policy, pairs, ref_chosen, ref_rejected, *, beta, loss_type="sigmo
 
 @torch.no_grad()
 def implicit_reward_stats(policy, pairs, ref_chosen, ref_rejected, beta, batch_size=64):
-    """Implicit-reward accuracy and mean margin beta * (log-ratio chosen - log-ratio rejected) over pairs."""
+    """Implicit-reward accuracy and mean margin beta * (log-ratio chosen - log-ratio rejected) over pairs.
+
+    Scored under the same autocast as reference_log_probs, so a policy equal to the reference has margin 0."""
     was_training = policy.training
     policy.eval()
     margins = []
     for start in range(0, len(pairs), batch_size):
-        c, r = pair_log_probs(policy, pairs[start:start + batch_size])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.lm_head.weight.is_cuda):
+            c, r = pair_log_probs(policy, pairs[start:start + batch_size])
         margins.append(beta * ((c.float().cpu() - ref_chosen[start:start + batch_size])
                                - (r.float().cpu() - ref_rejected[start:start + batch_size])))
     policy.train(was_training)

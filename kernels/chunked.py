@@ -188,7 +188,8 @@ class _ScalarLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, valid, reduction, chunk):
         n_valid = valid.sum()
-        row_scale = valid / n_valid if reduction == "mean" else valid
+        # clamp: with no valid target every row_scale is 0 (zero gradients) and the mean is 0/0 = NaN, as in PyTorch
+        row_scale = valid / n_valid.clamp(min=1) if reduction == "mean" else valid
         losses, grad_h, grad_w = _walk_ce_grads(h, weight, targets, row_scale, chunk)
         ctx.save_for_backward(grad_h, grad_w)
         total = losses.sum()

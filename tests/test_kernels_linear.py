@@ -161,6 +161,24 @@ def test_linear_cross_entropy_mean_averages_over_non_ignored_tokens_only():
     torch.testing.assert_close(mean, total / n_valid, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_with_every_target_ignored_behaves_like_pytorch(reduction):
+    # A batch with nothing to learn (all padding): "mean" is 0/0 = NaN and "sum" is 0, with zero
+    # gradients in both, on the gradient path as on the no-grad path.
+    hidden, weight, _ = make_inputs((9,), d=6, vocab=11, seed=22)
+    targets = torch.full((9,), -100)
+    actual = values_and_grads(
+        lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction, chunk_size=4), hidden, weight)
+    expected = values_and_grads(
+        lambda h, w: reference_cross_entropy(h, w, targets, reduction=reduction), hidden, weight)
+    torch.testing.assert_close(actual[0], expected[0], equal_nan=True)
+    assert torch.equal(actual[1], torch.zeros_like(hidden)) and torch.equal(actual[2], torch.zeros_like(weight))
+    assert_all_close(actual[1:], expected[1:])
+    with torch.no_grad():
+        no_grad_loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=4)
+    torch.testing.assert_close(no_grad_loss, expected[0], equal_nan=True)
+
+
 def test_linear_cross_entropy_accepts_shifted_non_contiguous_hidden():
     # The language-model pattern: position t predicts token t + 1, so hidden[:, :-1] is a strided view.
     hidden, weight, tokens = make_inputs((3, 12), d=10, vocab=23, seed=20)

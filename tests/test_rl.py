@@ -9,8 +9,8 @@ import torch
 import world
 from gpt import GPT, GPTConfig, response_log_probs
 from kernels import bradley_terry_loss, dpo_loss
-from rl import (RewardModel, build_preferences, load_reward_model, pair_log_probs, reference_log_probs,
-                save_reward_model)
+from rl import (RewardModel, build_preferences, implicit_reward_stats, load_reward_model, pair_log_probs,
+                reference_log_probs, save_reward_model)
 from tokenizer import Tokenizer
 
 
@@ -129,6 +129,34 @@ def test_pair_log_probs_sum_the_reply_tokens(tokenizer):
         n = len(pair["prompt_ids"])
         expected = sum(logits[n + j - 1, t] for j, t in enumerate(pair["rejected_ids"]))
         torch.testing.assert_close(rejected[i], expected)
+
+
+def test_response_log_probs_under_autocast_have_the_gradients_of_plain_autocast_logits(tokenizer):
+    # Under bf16 autocast the chunked kernel must differentiate the function it computed: the same bf16
+    # logits that a plain lm_head call under autocast gives (its backward runs outside autocast).
+    model = tiny_gpt(tokenizer)
+    pair = ideal_vs_bad_pairs(tokenizer, n=1)[0]
+    prompt, reply = pair["prompt_ids"], pair["chosen_ids"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = response_log_probs(model, [prompt], [reply])
+    (grad_kernel,) = torch.autograd.grad(logp.sum(), model.lm_head.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.tensor([prompt + reply]))[0, len(prompt) - 1:-1]  # (R, V), bf16
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(reply)[:, None]).sum()
+    (grad_plain,) = torch.autograd.grad(expected, model.lm_head.weight)
+    torch.testing.assert_close(logp.sum(), expected)
+    torch.testing.assert_close(grad_kernel, grad_plain, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast)"))])
+def test_implicit_reward_of_the_reference_itself_is_zero(tokenizer, device):
+    # Policy and reference scored under the same autocast: at step 0 every margin is exactly 0.
+    pairs = ideal_vs_bad_pairs(tokenizer, n=8)
+    policy = tiny_gpt(tokenizer).to(device)
+    ref_chosen, ref_rejected = reference_log_probs(policy, pairs)
+    accuracy, margin = implicit_reward_stats(policy, pairs, ref_chosen, ref_rejected, beta=1.0)
+    assert accuracy == 0.0 and margin == 0.0
 
 
 def test_dpo_step0_loss_is_ln2_and_training_margin_rises(tokenizer):
