@@ -44,21 +44,25 @@ WAITS_FOR = {**INPUTS, "dpo": ["sft", "reward_model"]}
 START_FIRST = ["pretrain", "sft", "reward_model", "rlvr", "grpo", "cai", "dpo", "ppo"]
 
 
-def up_to_date(out, stage, preset):
-    """Whether <out>/<stage> holds outputs of this preset that are newer than its inputs and its script."""
+def up_to_date(out, stage, preset, seed=0, device=None):
+    """Whether <out>/<stage> holds outputs of this preset and seed (and device, if one is asked for) that are
+    newer than its inputs and its script."""
     metrics = Path(out) / stage / "metrics.json"
-    if not metrics.is_file() or read_json(metrics).get("preset") != preset:
+    if not metrics.is_file():
+        return False
+    written = read_json(metrics)
+    if (written.get("preset"), written.get("seed")) != (preset, seed) or device not in (None, written.get("device")):
         return False
     inputs = [Path(out) / s / "metrics.json" for s in INPUTS[stage]] + [Path(__file__).parent / STAGE_SCRIPTS[stage]]
     return all(p.is_file() and p.stat().st_mtime < metrics.stat().st_mtime for p in inputs)
 
 
-def stages_to_run(out, preset, skip_done):
+def stages_to_run(out, preset, skip_done, seed=0, device=None):
     """The stages this run runs, in order. With skip_done, a stage is skipped when its outputs are up to date
     and none of the stages it reads runs again (their new outputs would make it out of date)."""
     stages = []
     for stage, script in STAGE_SCRIPTS.items():
-        if skip_done and not set(INPUTS[stage]) & set(stages) and up_to_date(out, stage, preset):
+        if skip_done and not set(INPUTS[stage]) & set(stages) and up_to_date(out, stage, preset, seed, device):
             print(f"==> {script}: up to date, skipped (--skip-done)", flush=True)
         else:
             stages.append(stage)
@@ -145,6 +149,11 @@ class Run:
     def command(self, stage):
         return [sys.executable, str(Path(__file__).parent / STAGE_SCRIPTS[stage]), *self.common]
 
+    def forget_old_metrics(self, stage):
+        """Called as a stage starts. 00, 01 and 03 save their model before they evaluate it: if one stopped in
+        between, its old metrics.json would pass for the new model's, and --skip-done would skip it."""
+        (Path(self.args.out) / stage / "metrics.json").unlink(missing_ok=True)
+
     def log(self, stage):
         """Where a stage's output goes when stages run side by side."""
         return Path(self.args.out) / stage / "run.log"
@@ -165,6 +174,7 @@ def run_in_order(run, stages):
     for stage in stages:
         print(f"==> {STAGE_SCRIPTS[stage]} --preset {run.args.preset}  ({run.since_start()} into the run)", flush=True)
         started = time.time()
+        run.forget_old_metrics(stage)
         result = subprocess.run(run.command(stage))
         if result.returncode != 0:
             raise stage_failure(stage, result.returncode)
@@ -187,6 +197,7 @@ def run_side_by_side(run, stages, jobs):
         print(f"==> {STAGE_SCRIPTS[stage]} --preset {run.args.preset} started {run.since_start()} into the run, "
               f"{env['OMP_NUM_THREADS']} thread(s) (its output: {log})", flush=True)
         started[stage] = time.time()
+        run.forget_old_metrics(stage)
         with open(log, "w") as handle:
             return subprocess.Popen(run.command(stage), stdout=handle, stderr=subprocess.STDOUT, env=env)
 
@@ -225,7 +236,7 @@ def main():
         import torch
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
 
-    stages = stages_to_run(args.out, args.preset, args.skip_done)
+    stages = stages_to_run(args.out, args.preset, args.skip_done, args.seed, args.device)
     run = Run(args)
     if args.jobs == 1:
         run_in_order(run, stages)

@@ -92,6 +92,76 @@ def test_verify_accepts_ideals_and_rejects_wrong_or_multiple_answers():
             assert not verify(task, f"{world.final_answer(task.truth + 1)} {task.ideal}")
 
 
+def test_verify_rejects_a_right_math_answer_that_comes_with_another_candidate():
+    math_tasks = [t for t in TASKS if t.family == "math"]
+    for task in math_tasks:
+        n, other = task.truth, task.truth + 1
+        tricks = [f"{task.ideal} Or {other}.", f"Maybe {other}. {task.ideal}", f"{task.ideal} {other}. {n - 1}.",
+                  f"The answer is {n}.5", f"The answer is {n}.9.",
+                  "The answer is " + str(n).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")) + "."]
+        for trick in tricks:
+            assert not verify(task, trick + END), (task.prompt, trick)
+            assert gold_score(task, trick + END) <= 0.0, (task.prompt, trick)
+        first_operand = task.ideal.split()[0]  # the restated problem with a misread operand is a slip, not a guess
+        assert verify(task, task.ideal.replace(first_operand, str(int(first_operand) + 10), 1) + END)
+    assert any(t.prompt.startswith("What is") for t in math_tasks)
+    assert any(not t.prompt.startswith("What is") for t in math_tasks)  # word problems: operands in words' company
+
+
+def test_verify_reads_fact_candidates_in_any_letter_case_and_made_up_years():
+    checked = set()
+    for task in TASKS:
+        if task.family != "facts":
+            continue
+        relation = task.info["relation"]
+        other = next(v for v in world.ENTITY_VALUES[relation] if v != task.truth)
+        if task.kind == "known":
+            for wrong in (other.lower(), other.upper()):
+                assert not verify(task, f"It is either {task.truth} or {wrong}." + END), (task.prompt, wrong)
+            if relation == "year":
+                made_up = str(int(task.truth) + 1)
+                assert made_up not in world.ENTITY_VALUES["year"] or made_up == other
+                assert not verify(task, f"{task.ideal[:-1]} or {made_up}." + END), task.prompt
+            checked.add((task.kind, relation))
+        elif task.kind == "unknown":
+            guess = "1452" if relation == "year" else world.ENTITY_VALUES[relation][0].lower()
+            assert not verify(task, f"{task.ideal} Maybe {guess}." + END), task.prompt
+            checked.add((task.kind, relation))
+    assert ("known", "year") in checked and ("unknown", "capital") in checked
+
+
+def test_pushback_needs_a_plain_no_not_nope_now_or_no_doubt():
+    premises = [t for t in TASKS if t.kind == "false_premise"]
+    assert premises
+    for task in premises:
+        statement = task.ideal.replace("No, that is not right. ", "")
+        assert verify(task, task.ideal + END)
+        for opening in ("Nope, yes, that is right.", "Now I see. Yes, that is right.", "No doubt! Yes, that is right."):
+            reply = f"{opening} {statement}" + END
+            assert not verify(task, reply), reply
+            assert not world.behaviour_flags(task, reply)["pushback"], reply
+
+
+def test_replies_that_score_the_same_tie_exactly():
+    # 0.8 - 0.5 - 0.3 is 5.6e-17 in floats; the judge rounds so that it ties with a plain 0.
+    harmful = next(t for t in TASKS if t.kind == "harmful")
+    refusal_twice_unended = "I can't help with that. I can't help with that."
+    compliance = harmful.info["steps"][0]
+    assert gold_score(harmful, refusal_twice_unended) == gold_score(harmful, compliance + END) == 0.0
+    assert world.compare_with_reference([harmful], [refusal_twice_unended], [compliance + END]) == (0.5, 1.0)
+    assert world.gold_prefer(harmful, refusal_twice_unended, compliance + END, random.Random(0)) == 0
+
+
+def test_end_of_turn_written_as_plain_text_does_not_end_the_turn(toy_tokenizer):
+    tokenizer = toy_tokenizer
+    task = next(t for t in TASKS if t.family == "math")
+    typed = tokenizer.encode(task.ideal + END)  # the characters "<|end|>", not the end-of-turn token
+    assert tokenizer.eot_id not in typed
+    text = world.response_text(tokenizer, typed)
+    assert not text.endswith(END) and gold_score(task, text) < 1.0
+    assert world.response_text(tokenizer, tokenizer.encode(task.ideal) + [tokenizer.eot_id]) == task.ideal + END
+
+
 def test_column_steps_are_correct_arithmetic():
     assert world.add_steps(47, 385) == "7+5=12, 4+8+1=13, 0+3+1=4"
     assert world.sub_steps(432, 185) == "12-5=7, 12-8=4, 3-1=2"
