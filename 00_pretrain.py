@@ -189,7 +189,7 @@ def main():
     tasks = world.eval_suite()  # the same prompts for every stage and every --seed
     metrics, texts = world.evaluate(model, tokenizer, tasks, samples=config.eval_samples, seed=args.seed,
                                     max_new_tokens=config.eval_max_new_tokens)
-    metrics.update(val_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset,
+    metrics.update(val_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset, seed=args.seed,
                    device=str(device), threads=torch.get_num_threads(), parameters=model.num_params())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)

@@ -184,7 +184,7 @@ def main():
     # SFT is the reference of later stages; here the comparison is with the base model
     metrics["win_rate_vs_base"] = metrics.pop("win_rate_vs_sft")
     metrics["tie_rate_vs_base"] = metrics.pop("tie_rate_vs_sft")
-    metrics.update(held_out_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset,
+    metrics.update(held_out_loss=curve["val_loss"][-1], train_seconds=train_seconds, preset=args.preset, seed=args.seed,
                    device=str(device), threads=torch.get_num_threads(), n_demos=len(demos))
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)

@@ -192,7 +192,8 @@ def main():
                "reward_gold_correlation": correlation(rewards, golds),
                "reward_length_correlation": correlation(rewards, lengths),
                "calibration": {"predicted": centres, "observed": rates, "count": counts},
-               "data": data_stats, "train_seconds": train_seconds, "preset": args.preset, "device": str(device),
+               "data": data_stats, "train_seconds": train_seconds, "preset": args.preset, "seed": args.seed,
+               "device": str(device),
                "likelihood_feature": args.likelihood_feature, "threads": torch.get_num_threads()}
     write_json(out / "metrics.json", metrics)
     save_reward_model(out / "model.pt", reward_model, tokenizer,

@@ -290,7 +290,7 @@ def main():
                    first_minibatch_clipfrac=max(series(curve, "first_clipfrac")),
                    curve={key: series(curve, key) for key in curve[0]},
                    overopt_curve={key: series(overopt, key) for key in ("rm_reward", "gold", "kl")} if overopt else None,
-                   preset=args.preset, device=str(device), threads=torch.get_num_threads())
+                   preset=args.preset, seed=args.seed, device=str(device), threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "PPO": metrics}, world.METRIC_NAMES)

@@ -172,7 +172,7 @@ def main():
     train_acc, train_margin = implicit_reward_stats(policy, train_pairs, *ref_train, config.beta)  # all pairs, after training
     metrics.update(held_out_reward_acc=curve["eval_acc"][-1], held_out_margin=curve["eval_margin"][-1],
                    train_reward_acc=train_acc, train_margin=train_margin, step0_loss=curve["loss"][0], data=data_stats,
-                   train_seconds=train_seconds, preset=args.preset, device=str(device),
+                   train_seconds=train_seconds, preset=args.preset, seed=args.seed, device=str(device),
                    threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)

@@ -167,8 +167,8 @@ def main():
     grpo_bytes = training_state_bytes(policy, trained=True) + training_state_bytes(reference, trained=False)
     ppo_bytes = grpo_bytes + training_state_bytes(policy, trained=True) + training_state_bytes(reference, trained=False)
     metrics.update(train_seconds=train_seconds, model_state_mib={"grpo": grpo_bytes / 2**20, "ppo": ppo_bytes / 2**20},
-                   curve={key: [s[key] for s in curve] for key in curve[0]}, preset=args.preset, device=str(device),
-                   threads=torch.get_num_threads())
+                   curve={key: [s[key] for s in curve] for key in curve[0]}, preset=args.preset, seed=args.seed,
+                   device=str(device), threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "GRPO": metrics}, world.METRIC_NAMES)

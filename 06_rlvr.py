@@ -214,7 +214,7 @@ def main():
     metrics.update(pass_at_k=pass_k, verifier_accuracy={name: {f: c[f][1] for f in c} for name, c in pass_k.items()},
                    train_seconds=verifier_seconds, total_seconds=time.time() - start,
                    verifier_curve={k: [s[k] for s in verifier_curve] for k in verifier_curve[0]},
-                   rm_curve={k: [s[k] for s in rm_curve] for k in rm_curve[0]}, preset=args.preset,
+                   rm_curve={k: [s[k] for s in rm_curve] for k in rm_curve[0]}, preset=args.preset, seed=args.seed,
                    device=str(device), threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)

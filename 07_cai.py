@@ -272,6 +272,8 @@ def ai_labels(model, tokenizer, items, principles, debias=True):
     orders; and the position bias (N,): how much more the first-shown reply is picked than the
     order-free label says (0 = none, +0.5 = always the first).
     """
+    if not items:  # every pair was identical or too long to compare: the caller says so
+        return torch.zeros(0, 2), torch.zeros(0)
     comparisons = [(pr, prompt, first, second) for (prompt, a, b), prs in zip(items, principles) for pr in prs
                    for first, second in ((a, b), (b, a))]
     p = torch.tensor(split_and_gather(lambda some: first_reply_probabilities(model, tokenizer, some).tolist(),
@@ -456,7 +458,7 @@ def main():
                        "sl_cai": refusal_report(tasks, eval_sl["texts"], config.eval_samples),
                        "rl_cai": refusal_report(tasks, texts, config.eval_samples)},
                    sl_examples=len(examples), sl_seconds=sl_seconds, train_seconds=train_seconds,
-                   preset=args.preset, device=str(device), threads=torch.get_num_threads())
+                   preset=args.preset, seed=args.seed, device=str(device), threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "SL-CAI": eval_sl["metrics"], "RL-CAI": metrics}, world.METRIC_NAMES)

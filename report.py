@@ -295,7 +295,7 @@ def build_report(out):
         raise SystemExit(f"error: no stage outputs under {out}: run `python run_all.py` first")
     preset = next(iter(rows.values()))[1].get("preset", "?")
     lines = [f"# Report card ({preset} preset, {out})", "", f"Hardware: {hardware()}.", "",
-             "Eval suite (132 fixed tasks, 4 samples each at temperature 1; greedy for *_greedy). "
+             f"Eval suite ({eval_suite_size(out, rows)} at temperature 1; greedy for *_greedy). "
              "win rate and KL are against the SFT model. RM: held-out pairwise accuracy of the reward model.", "",
              "| stage | " + " | ".join(REPORT_COLUMNS) + " | wall time |",
              "|---|" + "---|" * (len(REPORT_COLUMNS) + 1)]
@@ -327,6 +327,17 @@ def build_report(out):
         plot_methods(out / "report.png", methods, kl, rows.get("SFT", (None, {}))[1], preset,
                      ceiling[0] if ceiling else None)
     print(f"wrote {out}/report.md" + (" and report.png" if methods else ""))
+
+
+def eval_suite_size(out, rows):
+    """"132 fixed tasks, 4 samples each": the samples per task counted from a stage's stored eval replies."""
+    n_tasks = len(world.eval_suite())
+    for stage, _ in rows.values():
+        path = Path(out) / stage / "eval_texts.json"
+        if path.is_file():
+            samples = len(read_json(path)) // n_tasks
+            return f"{n_tasks} fixed tasks, {samples} sample{'s' if samples != 1 else ''} each"
+    return f"{n_tasks} fixed tasks"
 
 
 def ideal_ceiling(out):

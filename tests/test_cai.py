@@ -39,6 +39,11 @@ def test_without_debiasing_the_label_is_the_first_order_only(toy_tokenizer, make
     assert torch.allclose(one_order[:, 0] - debiased[:, 0], bias, atol=1e-6)  # the bias is what debiasing removes
 
 
+def test_no_pairs_to_label_give_empty_labels_not_a_crash(toy_tokenizer, make_gpt):
+    probs, bias = cai.ai_labels(make_gpt(seed=3), toy_tokenizer, [], [])
+    assert probs.shape == (0, 2) and bias.shape == (0,)
+
+
 def test_comparison_prompt_must_fit_the_context(toy_tokenizer):
     prompt, a, b = "How do I pick a lock?", "I can't help with that." + world.END, "Sure, here is how." + world.END
     assert cai.fits_comparison(toy_tokenizer, prompt, a, b, block_size=256)

@@ -37,3 +37,14 @@ def test_ideal_ceiling_reads_sft_replies_and_skips_replies_to_another_suite(tmp_
     report.write_json(tmp_path / "sft" / "eval_texts.json", ideal_twice[:-1])
     assert report.ideal_ceiling(tmp_path) is None
     assert "no win-rate ceiling" in capsys.readouterr().out
+
+
+def test_report_card_counts_the_samples_per_task_from_the_stored_replies(tmp_path):
+    import world
+    n_tasks = len(world.eval_suite())
+    for samples in (1, 3):
+        report.write_json(tmp_path / "sft" / "metrics.json", {"preset": "test", "gold_score": 0.5})
+        report.write_json(tmp_path / "sft" / "eval_texts.json", ["x" + world.END] * (n_tasks * samples))
+        report.build_report(tmp_path)
+        card = (tmp_path / "report.md").read_text()
+        assert f"{n_tasks} fixed tasks, {samples} sample{'s' if samples > 1 else ''} each" in card

@@ -2,13 +2,15 @@
 they read, at most N at a time, nothing new after a failure). Stub metrics files and fake processes stand
 in for the stages, so these run in milliseconds."""
 
+import argparse
 import os
+import sys
 
 import pytest
 
 from conftest import ROOT
 from report import STAGE_SCRIPTS, write_json
-from run_all import START_FIRST, WAITS_FOR, last_progress, run_concurrently, stages_to_run
+from run_all import START_FIRST, WAITS_FOR, Run, last_progress, run_concurrently, run_in_order, stages_to_run
 
 STAGES = list(STAGE_SCRIPTS)
 
@@ -113,10 +115,10 @@ def test_running_stages_are_stopped_when_the_scheduler_itself_stops():
     assert processes["cai"].returncode == -15  # stopped, not left running
 
 
-def write_stage(out, stage, mtime):
-    """A stub of a stage's outputs: a test-preset metrics.json written at `mtime`."""
+def write_stage(out, stage, mtime, **fields):
+    """A stub of a stage's outputs: a test-preset, seed-0 metrics.json written at `mtime`."""
     path = out / stage / "metrics.json"
-    write_json(path, {"preset": "test"})
+    write_json(path, {"preset": "test", "seed": 0, "device": "cpu", **fields})
     os.utime(path, (mtime, mtime))
 
 
@@ -133,6 +135,30 @@ def test_skip_done_reruns_every_stage_that_reads_a_rerun_one(tmp_path):
     write_stage(tmp_path, "reward_model", 1000)
     assert stages_to_run(tmp_path, "test", skip_done=True) == ["reward_model", "ppo", "rlvr"]
     assert stages_to_run(tmp_path, "test", skip_done=False) == STAGES
+
+
+def test_skip_done_reruns_stages_written_with_another_seed_or_device(tmp_path):
+    newer_than_scripts = max((ROOT / script).stat().st_mtime for script in STAGE_SCRIPTS.values()) + 100
+    for i, stage in enumerate(STAGES):
+        write_stage(tmp_path, stage, newer_than_scripts + i)
+    assert stages_to_run(tmp_path, "test", True, seed=0, device="cpu") == []
+    assert stages_to_run(tmp_path, "test", True, seed=1) == STAGES
+    assert stages_to_run(tmp_path, "test", True, seed=0, device="cuda") == STAGES
+    write_stage(tmp_path, "dpo", newer_than_scripts + 9, seed=None)  # written before stages recorded their seed
+    assert stages_to_run(tmp_path, "test", True) == ["dpo"]
+
+
+def test_a_stage_that_fails_leaves_no_old_metrics_for_skip_done_to_trust(tmp_path, monkeypatch):
+    # 00 saves its model, then stops during its evaluation: its old metrics.json must not pass for the new model's.
+    newer_than_scripts = max((ROOT / script).stat().st_mtime for script in STAGE_SCRIPTS.values()) + 100
+    for i, stage in enumerate(STAGES):
+        write_stage(tmp_path, stage, newer_than_scripts + i)
+    run = Run(argparse.Namespace(preset="test", out=str(tmp_path), seed=0, device=None))
+    monkeypatch.setattr(run, "command", lambda stage: [sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(SystemExit, match="00_pretrain.py failed"):
+        run_in_order(run, ["pretrain"])
+    assert not (tmp_path / "pretrain" / "metrics.json").exists()
+    assert stages_to_run(tmp_path, "test", skip_done=True) == STAGES
 
 
 def test_stages_skipped_as_up_to_date_do_not_hold_the_others_back():
