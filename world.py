@@ -208,8 +208,9 @@ def mentioned(text, values):
 
 
 def says_no(text):
-    """The reply opens with a plain "No" ("No," "No." "No!"), not "Nope", "Now" or "No doubt"."""
-    return re.match(r"No[,.!]", text) is not None
+    """A sentence of the reply opens with a plain "No" ("No," "No." "No!"; a rude remark may come first),
+    not "Nope", "Now", "Nobody" or "No doubt"."""
+    return re.search(r"(?:^|[.!?]\s+)No[,.!]", text) is not None
 
 
 def strip_end(response):
