@@ -468,7 +468,7 @@ def mean_stats(history):
 
 
 def check_math_answer(task, response):
-    """Exactly one "The answer is N." and N is the true result."""
+    """Exactly one "The answer is N.", N is the true result, and no number after it."""
     return world.verify(task, response)
 
 
@@ -476,7 +476,7 @@ def check_fact(task, response):
     """The fact in the reply is the knowledge base's.
 
     Known place: the one value named is the truth. Unknown place: says it does not know and names nothing.
-    False premise: starts with "No" and names the true value only."""
+    False premise: says a plain "No" and names the true value only."""
     return world.verify(task, response)
 
 

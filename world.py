@@ -513,10 +513,9 @@ def named_values(text, relation):
 def verify(task, response):
     """Deterministic check of a math or fact answer: True, False, or None (no checkable truth).
 
-    math: exactly one "The answer is N.", N is right and no other candidate (see math_answer_ok).
+    math: exactly one "The answer is N.", N is right, and nothing numeric after it (math_answer_ok).
     facts: known -> the one value of the asked type named is the truth; unknown -> says it does not
-    know and names no value; false premise -> says "No" and names the truth, not the
-    claimed value.
+    know and names no value; false premise -> says "No" and names the truth, not the claimed value.
     """
     text, _ = strip_end(response)
     if task.family == "math":
