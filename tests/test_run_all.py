@@ -115,6 +115,15 @@ def test_running_stages_are_stopped_when_the_scheduler_itself_stops():
     assert processes["cai"].returncode == -15  # stopped, not left running
 
 
+def write_all_stages(out):
+    """Up-to-date stubs of every stage, each newer than every script and than the stage before it.
+    Returns the time they start from."""
+    newer_than_scripts = max((ROOT / script).stat().st_mtime for script in STAGE_SCRIPTS.values()) + 100
+    for i, stage in enumerate(STAGES):
+        write_stage(out, stage, newer_than_scripts + i)
+    return newer_than_scripts
+
+
 def write_stage(out, stage, mtime, **fields):
     """A stub of a stage's outputs: a test-preset, seed-0 metrics.json written at `mtime`."""
     path = out / stage / "metrics.json"
@@ -123,9 +132,7 @@ def write_stage(out, stage, mtime, **fields):
 
 
 def test_skip_done_reruns_every_stage_that_reads_a_rerun_one(tmp_path):
-    newer_than_scripts = max((ROOT / script).stat().st_mtime for script in STAGE_SCRIPTS.values()) + 100
-    for i, stage in enumerate(STAGES):
-        write_stage(tmp_path, stage, newer_than_scripts + i)
+    newer_than_scripts = write_all_stages(tmp_path)
     assert stages_to_run(tmp_path, "test", skip_done=True) == []
     # 01's outputs now predate its script (01_sft.py was edited): 01 runs again, and so must every stage
     # that reads it, although their own outputs are still newer than the old SFT model's.
@@ -138,9 +145,7 @@ def test_skip_done_reruns_every_stage_that_reads_a_rerun_one(tmp_path):
 
 
 def test_skip_done_reruns_stages_written_with_another_seed_or_device(tmp_path):
-    newer_than_scripts = max((ROOT / script).stat().st_mtime for script in STAGE_SCRIPTS.values()) + 100
-    for i, stage in enumerate(STAGES):
-        write_stage(tmp_path, stage, newer_than_scripts + i)
+    newer_than_scripts = write_all_stages(tmp_path)
     assert stages_to_run(tmp_path, "test", True, seed=0, device="cpu") == []
     assert stages_to_run(tmp_path, "test", True, seed=1) == STAGES
     assert stages_to_run(tmp_path, "test", True, seed=0, device="cuda") == STAGES
@@ -150,9 +155,7 @@ def test_skip_done_reruns_stages_written_with_another_seed_or_device(tmp_path):
 
 def test_a_stage_that_fails_leaves_no_old_metrics_for_skip_done_to_trust(tmp_path, monkeypatch):
     # 00 saves its model, then stops during its evaluation: its old metrics.json must not pass for the new model's.
-    newer_than_scripts = max((ROOT / script).stat().st_mtime for script in STAGE_SCRIPTS.values()) + 100
-    for i, stage in enumerate(STAGES):
-        write_stage(tmp_path, stage, newer_than_scripts + i)
+    newer_than_scripts = write_all_stages(tmp_path)
     run = Run(argparse.Namespace(preset="test", out=str(tmp_path), seed=0, device=None))
     monkeypatch.setattr(run, "command", lambda stage: [sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(SystemExit, match="00_pretrain.py failed"):
