@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (GPT, GPTConfig, configure_optimizer, cosine_lr, is_main, lm_loss, local_slice, main_process_first,
+from gpt import (GPT, GPTConfig, configure_optimizer, cosine_lr, is_main, lm_loss, local_share, main_process_first,
                  save_checkpoint, set_lr, update)
 from report import (Progress, plot_curves, positive_float, positive_int, preset_config, resolve_run, run_parser,
                     stage_dir, write_json, write_task_samples)
@@ -93,9 +93,13 @@ def tokenize_documents(tokenizer, documents):
 
 
 def load_or_train_tokenizer(path, documents, vocab_size):
-    """Train the BPE on the corpus text once; later runs with the same corpus and vocab size reuse the file."""
+    """Train the BPE on the corpus text once; later runs with the same corpus and vocab size reuse the file
+    (a file that cannot be read, e.g. cut short or from another version, is a stale cache: trained again)."""
     if path.exists():
-        return Tokenizer.load(path)
+        try:
+            return Tokenizer.load(path)
+        except ValueError as error:
+            print(f"{error}; training the tokenizer again")
     tokenizer = Tokenizer.train((world.document_text(doc) for doc in documents), vocab_size)
     tokenizer.save(path)
     return tokenizer
@@ -107,6 +111,13 @@ def random_windows(stream, batch_size, block_size, generator):
     x = torch.stack([stream[s: s + block_size] for s in starts.tolist()])
     y = torch.stack([stream[s + 1: s + block_size + 1] for s in starts.tolist()])
     return x, y
+
+
+def local_batch(x, y):
+    """This process's rows of a global batch and the weight of its mean loss (gpt.local_share): shares of a
+    batch that does not split evenly differ in size, and a plain average of their means is not the global mean."""
+    rows, weight = local_share(list(range(len(x))))
+    return x[rows], y[rows], weight
 
 
 # ---- method -------------------------------------------------------------------------------------
@@ -160,10 +171,10 @@ def main():
         lr = cosine_lr(step, config.max_steps, config.lr, config.warmup_steps)
         set_lr(optimizer, lr)
         x, y = random_windows(train_stream, config.batch_size, config.block_size, generator)
-        x, y = local_slice(x), local_slice(y)  # under torchrun: this process's share of the global batch
+        x, y, weight = local_batch(x, y)  # under torchrun: this process's share of the global batch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
             loss = next_token_loss(hidden_fn, model, x.to(device), y.to(device))
-        update(model, optimizer, loss, config.grad_clip, step)  # NaN guard, backward, clip, step
+        update(model, optimizer, loss * weight, config.grad_clip, step)  # NaN guard, backward, clip, step
         window_tokens += tokens_per_step
         curve["step"].append(step)
         curve["train_loss"].append(loss.item())

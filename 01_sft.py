@@ -103,6 +103,14 @@ def loss_tokens(example):
     return sum(t != -100 for t in example[1])
 
 
+def held_out_split(demos, examples, n_val):
+    """(held-out examples, training examples): the first n_val are held out, less those whose prompt a training
+    demonstration also has (demonstrations repeat prompts; a repeated one would measure memorisation)."""
+    train_prompts = {task.prompt for task, _ in demos[n_val:]}
+    held_out = [example for (task, _), example in zip(demos[:n_val], examples[:n_val]) if task.prompt not in train_prompts]
+    return held_out or examples[:n_val], examples[n_val:]  # (never empty: the held-out loss divides by its batches)
+
+
 # ---- method -------------------------------------------------------------------------------------
 
 def assistant_loss(model, x, y):
@@ -141,13 +149,13 @@ def main():
     skills = [chat_example(tokenizer, chat, block, given) for chat, given in
               world.skill_demonstrations(config.n_skill_chats, seed=args.seed)]
     n_val = max(config.batch_size, len(examples) // 10)
-    val_batches = [pad_batch(examples[i:min(i + config.batch_size, n_val)], device)
-                   for i in range(0, n_val, config.batch_size)]
-    train = examples[n_val:] + skills  # the held-out loss stays on single-turn demos
+    held_out, train = held_out_split(demos, examples, n_val)
+    val_batches = [pad_batch(held_out[i:i + config.batch_size], device) for i in range(0, len(held_out), config.batch_size)]
+    train = train + skills  # the held-out loss stays on single-turn demos
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     max_steps = config.epochs * steps_per_epoch
     print(f"{len(demos)} demonstrations ({config.mistake_rate:.0%} with small mistakes) and {len(skills)} multi-turn "
-          f"skill chats: {len(train)} train, {n_val} held out; {max_steps} steps")
+          f"skill chats: {len(train)} train, {len(held_out)} held out; {max_steps} steps")
 
     on_cuda = device.type == "cuda"
     model.train()

@@ -30,7 +30,7 @@ import atexit
 import dataclasses
 import math
 import os
-import tempfile
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -594,9 +594,14 @@ def save_checkpoint(path, model, *, tokenizer=None, meta=None):
     """Write config, weights, tokenizer (as plain data) and meta to path, atomically.
 
     The file is written to a temporary name in the same folder and renamed over path only once
-    it is complete, so a crash mid-write leaves the previous checkpoint in place.
+    it is complete, so a crash mid-write leaves the previous checkpoint in place. Weights that are not
+    finite are never written: a finite loss does not make a finite step (a huge --lr, an overflowing
+    backward pass), and the training loops' NaN guard only sees the loss.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the real one
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise SystemExit(f"error: the trained weights are not finite; {path} was not written "
+                         "(the last good checkpoint is kept). Try a lower --lr.")
     checkpoint = {
         "config": dataclasses.asdict(model.config),
         "model": model.state_dict(),
@@ -605,15 +610,15 @@ def save_checkpoint(path, model, *, tokenizer=None, meta=None):
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp_path = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp_path, "xb") as f:  # created with the umask's permissions (mkstemp would make it 0600)
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
-        os.unlink(tmp_path)
+        tmp_path.unlink(missing_ok=True)
         raise
 
 

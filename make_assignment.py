@@ -14,6 +14,7 @@ without git everything but out/ and caches; nothing is overwritten.
 
 import argparse
 import ast
+import io
 import re
 import shutil
 import subprocess
@@ -69,7 +70,7 @@ def blank_bodies(source, names=None):
     """The source with each chosen function's body, everything after its docstring, replaced by one line that
     raises NotImplementedError. Returns (new source, names blanked, in file order)."""
     functions = find_functions(ast.parse(source), names)
-    lines = source.splitlines(keepends=True)
+    lines = io.StringIO(source, newline="").readlines()  # Python's line ends only (splitlines also cuts at \f, U+2028...)
     for name, node in sorted(functions.items(), key=lambda item: -item[1].lineno):  # bottom up: line numbers hold
         start, end = lines_to_replace(name, node, lines)
         indent = " " * node.body[-1].col_offset
@@ -92,8 +93,12 @@ def grading_tests(names, tests_dir):
 
 def copy_project(out):
     """Copy the files git tracks (the working tree's versions), or without git everything but out/ and caches."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
-    if listed.returncode != 0:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+        tracked = [relative for relative in listed.stdout.split("\0") if relative] if listed.returncode == 0 else []
+    except OSError:  # git is not installed
+        tracked = []
+    if not tracked:  # not a git checkout, or inside a repository that does not track this project
         target = out.resolve()
 
         def left_out(folder, names):  # and the assignment folder itself, when it is made inside the repository
@@ -101,7 +106,7 @@ def copy_project(out):
 
         shutil.copytree(ROOT, out, ignore=left_out, dirs_exist_ok=True)
         return
-    for relative in filter(None, listed.stdout.split("\0")):
+    for relative in tracked:
         if (ROOT / relative).is_file():  # a tracked file deleted in the working tree stays deleted
             (out / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / relative, out / relative)
@@ -136,7 +141,7 @@ def main():
     parser.add_argument("--out", required=True, type=Path,
                         help="folder for the assignment (must not exist or be empty)")
     args = parser.parse_args()
-    if args.out.exists() and any(args.out.iterdir()):
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"{args.out} is not empty; choose a new folder")
     blanked = {}
     for path, names in merge_targets(args.targets).items():  # check every target before copying anything

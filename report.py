@@ -9,8 +9,8 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -142,13 +142,13 @@ def write_json(path, data):
     """Write JSON atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:  # the umask's permissions (mkstemp would make it 0600)
             json.dump(data, f, indent=1)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

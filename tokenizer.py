@@ -30,7 +30,7 @@ import base64
 import heapq
 import json
 import os
-import tempfile
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -180,6 +180,13 @@ class Tokenizer:
         pattern, merged, specials = data.get("pattern"), data.get("merged_tokens"), data.get("special_tokens")
         if not isinstance(pattern, str) or not isinstance(merged, list) or not isinstance(specials, dict):
             raise ValueError("tokenizer dict needs 'pattern' (str), 'merged_tokens' (list), 'special_tokens' (dict)")
+        probe = "Hello, World! 12 + 345 = x\n\t  na\u00efve \u6771\u4eac \U0001F642 don't <|end|>"
+        try:
+            chunks = regex.findall(pattern, probe)
+        except regex.error as error:
+            raise ValueError(f"tokenizer pattern is not a regular expression: {error}") from None
+        if not all(chunks) or "".join(chunks) != probe:  # tiktoken would drop text, or panic on empty matches
+            raise ValueError("tokenizer pattern does not cut text into non-empty chunks that cover it")
         token_bytes = [bytes([b]) for b in range(256)]
         for encoded in merged:
             try:
@@ -197,13 +204,13 @@ class Tokenizer:
         """Write JSON atomically: a temporary file in the same folder, then a rename."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        tmp_path = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open(tmp_path, "x", encoding="utf-8") as f:  # the umask's permissions, not mkstemp's 0600
                 json.dump(self.to_dict(), f)
             os.replace(tmp_path, path)
         except BaseException:
-            os.unlink(tmp_path)
+            tmp_path.unlink(missing_ok=True)
             raise
 
     @classmethod

@@ -341,3 +341,28 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     _, _, meta = load_checkpoint(path)
     assert meta == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_previous_checkpoint(tmp_path):
+    # a finite loss can still make a non-finite step (a huge --lr): the loops' NaN guard only sees the loss
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, tiny_model(), meta={"step": 1})
+    broken = tiny_model(seed=1)
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit, match="not finite"):
+        save_checkpoint(path, broken, meta={"step": 2})
+    _, _, meta = load_checkpoint(path)
+    assert meta == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_saved_checkpoint_follows_the_umask(tmp_path):
+    # a temporary file from tempfile.mkstemp is 0600, so a shared out/ would be unreadable by others
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "model.pt", tiny_model())
+        save_checkpoint(tmp_path / "model.pt", tiny_model(seed=1))  # over an existing one
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o644

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import make_assignment
 from conftest import ROOT
 from make_assignment import blank_bodies, grading_tests
 
@@ -164,6 +165,39 @@ def test_a_non_empty_out_folder_is_not_overwritten(tmp_path):
     result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "--out", str(tmp_path))
     assert result.returncode == 2 and "not empty" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_an_out_path_that_is_a_file_is_a_one_line_error(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    result = run("make_assignment.py", "kernels/losses.py:dpo_loss", "--out", str(target))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and target.read_text() == "mine"
+
+
+def test_without_git_the_copy_holds_the_working_tree(tmp_path, monkeypatch):
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "git")
+    monkeypatch.setattr(make_assignment.subprocess, "run", no_git)
+    make_assignment.copy_project(tmp_path / "hw")
+    assert (tmp_path / "hw" / "kernels" / "losses.py").is_file()
+
+
+def test_inside_a_repository_that_tracks_none_of_it_the_copy_holds_the_working_tree(tmp_path, monkeypatch):
+    # git ls-files succeeds there and lists nothing: copying "the tracked files" would copy nothing
+    monkeypatch.setattr(make_assignment.subprocess, "run",
+                        lambda *args, **kwargs: subprocess.CompletedProcess(args, 0, stdout="", stderr=""))
+    make_assignment.copy_project(tmp_path / "hw")
+    assert (tmp_path / "hw" / "kernels" / "losses.py").is_file()
+
+
+def test_a_form_feed_between_functions_does_not_shift_the_blanked_lines():
+    # str.splitlines also cuts at a form feed (and U+2028 ...), ast's line numbers do not
+    source = 'def a():\n    return 1\n\x0c\n\ndef f(x):\n    """Double x."""\n    return 2 * x\n\n\ndef g():\n    return 3\n'
+    blanked, _ = blank_bodies(source, ["f"])
+    assert '"""Double x."""' in blanked and "return 2 * x" not in blanked
+    namespace = {}
+    exec(blanked, namespace)
+    assert namespace["a"]() == 1 and namespace["g"]() == 3
 
 
 def test_every_kernel_has_a_test_file_that_grades_it():

@@ -48,3 +48,16 @@ def test_report_card_counts_the_samples_per_task_from_the_stored_replies(tmp_pat
         report.build_report(tmp_path)
         card = (tmp_path / "report.md").read_text()
         assert f"{n_tasks} fixed tasks, {samples} sample{'s' if samples > 1 else ''} each" in card
+
+
+def test_write_json_is_atomic_and_follows_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        report.write_json(tmp_path / "metrics.json", {"a": 1})
+        report.write_json(tmp_path / "metrics.json", {"a": 2})  # over an existing file
+    finally:
+        os.umask(old)
+    assert report.read_json(tmp_path / "metrics.json") == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644

@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import gpt
 import report
+import world
+from conftest import load_script
 from rl import load_reward_model
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,3 +226,43 @@ def test_report_plot_moves_the_label_of_a_point_next_to_an_earlier_one():
     offsets = label_offsets({"DPO": (0.29, 0.542), "CAI": (0.27, 0.539), "RLVR": (0.74, 0.562), "PPO": (0.58, 0.519)})
     assert offsets["DPO"] == offsets["RLVR"] == offsets["PPO"] == (5, 4)  # alone: above right
     assert offsets["CAI"] != offsets["DPO"]  # crowded by DPO's label: moved
+
+
+def test_pretraining_shares_give_the_global_batch_gradient_when_the_batch_does_not_split_evenly(monkeypatch):
+    # 16 rows over 3 processes are shares of 5, 5 and 6: a plain average of their mean losses is biased
+    pretrain = load_script("00_pretrain.py")
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16)).double()
+    x, y = torch.randint(0, 40, (16, 8)), torch.randint(0, 40, (16, 8))
+
+    def gradient(xb, yb, weight=1.0):
+        model.zero_grad()
+        (pretrain.next_token_loss(model.hidden, model, xb, yb) * weight).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole, processes, total = gradient(x, y), 3, 0
+    for rank in range(processes):
+        monkeypatch.setattr(gpt, "world_info", lambda rank=rank: (rank, processes))
+        total = total + gradient(*pretrain.local_batch(x, y))
+    torch.testing.assert_close(total / processes, whole)
+
+
+def test_sft_held_out_demonstrations_share_no_prompt_with_the_training_ones():
+    # demonstrations repeat prompts: split by index alone, 45 of the cpu preset's 120 held-out ones were training ones
+    sft = load_script("01_sft.py")
+    demos = world.sft_demonstrations(1200, seed=0)
+    examples = list(range(len(demos)))  # stand-ins for the tokenized examples
+    held_out, train = sft.held_out_split(demos, examples, n_val=120)
+    train_prompts = {demos[i][0].prompt for i in train}
+    assert held_out and not any(demos[i][0].prompt in train_prompts for i in held_out)
+    assert train == examples[120:]  # the training data is unchanged
+
+
+def test_an_unreadable_tokenizer_cache_is_trained_again(tmp_path):
+    pretrain = load_script("00_pretrain.py")
+    documents = world.toy_internet(200, seed=0)
+    cache = tmp_path / "tokenizer.json"
+    cache.write_text('{"format": "something else"}')
+    tokenizer = pretrain.load_or_train_tokenizer(cache, documents, 300)
+    assert tokenizer.vocab_size == 300
+    assert Tokenizer.load(cache).encode("What is 12?") == tokenizer.encode("What is 12?")

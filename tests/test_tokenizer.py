@@ -1,5 +1,6 @@
 """Tests for tokenizer.py: round trips, single digits, unforgeable roles, chat masks, plain-data saving."""
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -194,6 +195,22 @@ def test_malformed_file_raises_value_error(tok, tmp_path, content):
     with pytest.raises(ValueError) as error:
         Tokenizer.load(path)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("pattern", ["", "a", "("])
+def test_a_pattern_that_does_not_cut_text_into_covering_chunks_is_refused(tok, pattern):
+    # "" made tiktoken panic on the first encode (a BaseException, no one-line error); "a" silently drops text
+    with pytest.raises(ValueError, match="pattern"):
+        Tokenizer.from_dict({**tok.to_dict(), "pattern": pattern})
+
+
+def test_saved_file_follows_the_umask(tok, tmp_path):
+    old = os.umask(0o022)
+    try:
+        tok.save(tmp_path / "tokenizer.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "tokenizer.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_training_is_deterministic_and_vocab_size_is_as_asked(tok, corpus):
