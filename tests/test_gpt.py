@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt import GPT, GPTConfig, load_checkpoint, padding_attention_mask, save_checkpoint  # noqa: E402
+from gpt import (GPT, GPTConfig, cosine_lr, load_checkpoint, pack_sequences, padding_attention_mask,  # noqa: E402
+                 sample_next_token, save_checkpoint)
 
 VOCAB, BLOCK, LAYERS, HEADS, D = 50, 64, 2, 4, 32
 PROMPTS = [[3, 17, 9, 41, 5, 22, 8], [11], [7, 7, 30, 2], [45, 1, 19, 33, 12, 6, 29, 40, 4, 13]]
@@ -366,3 +367,36 @@ def test_saved_checkpoint_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_kv_cache_feeds_one_new_token_per_step_after_the_prefill():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(50, 64, n_layer=2, n_head=4, n_embd=32))
+    columns = []  # columns of each forward pass
+    model.ln_f.register_forward_hook(lambda module, inputs, output: columns.append(output.shape[1]))
+    prompts = [[3, 17, 9, 41, 5], [11], [7, 7, 30]]
+    model.generate(prompts, 6, temperature=0, use_cache=True)
+    assert columns == [5] + [1] * 5
+
+
+def test_sample_next_token_samples_from_softmax_of_logits_over_temperature():
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 2.0
+    for temperature in (0.5, 2.0):
+        got = sample_next_token(logits, temperature, None, torch.Generator().manual_seed(3))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(1)
+        assert torch.equal(got, expected), temperature
+
+
+def test_pack_sequences_right_pads_and_cuts_long_prompts_from_the_left():
+    idx, prompt_lens = pack_sequences([[1, 2, 3, 4, 5, 6], [7]], [[8, 9], [10, 11, 12]], block_size=5)
+    assert idx.tolist() == [[4, 5, 6, 8, 9], [7, 10, 11, 12, 0]]
+    assert prompt_lens.tolist() == [3, 1]
+
+
+def test_cosine_lr_warms_up_linearly_then_decays_to_the_floor():
+    lr = lambda step: cosine_lr(step, max_steps=20, peak_lr=2.0, warmup_steps=4)  # noqa: E731
+    assert [lr(s) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lr(4) == pytest.approx(2.0)
+    assert lr(12) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # halfway through the decay
+    assert lr(20) == pytest.approx(0.2) and lr(30) == pytest.approx(0.2)

@@ -410,3 +410,24 @@ def test_linear_cross_entropy_bf16_on_cuda_matches_reference():
     bf16 = values_and_grads(lambda h, w: linear_cross_entropy(h, w, targets, chunk_size=256), *inputs_bf16)
     fp32 = values_and_grads(lambda h, w: reference_cross_entropy(h, w, targets), *inputs_fp32)
     assert_bf16_close(bf16, fp32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_scales_its_gradients_by_the_incoming_gradient(reduction):
+    # Loss scaling (a data-parallel share weight, gradient accumulation) multiplies the upstream gradient;
+    # every other test backpropagates a plain loss, i.e. an upstream gradient of exactly 1.
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 12, generator=g, dtype=torch.float64)
+    weight = torch.randn(29, 12, generator=g, dtype=torch.float64) / 12 ** 0.5
+    targets = torch.randint(0, 29, (37,), generator=g)
+    targets[::5] = -100
+    grads = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fused:
+            loss = linear_cross_entropy(h, w, targets, reduction=reduction, chunk_size=8)
+        else:
+            loss = F.cross_entropy(h @ w.T, targets, reduction=reduction)
+        grads.append(torch.autograd.grad(2.5 * loss, (h, w)))
+    for actual, expected in zip(*grads):
+        torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)

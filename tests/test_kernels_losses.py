@@ -459,3 +459,20 @@ def test_ppo_approx_kl_is_k3_estimate_of_kl_old_to_new():
     log_ratio = logp - old_logp
     expected = ((log_ratio.exp() - 1 - log_ratio) * mask).sum() / mask.sum()
     torch.testing.assert_close(stats["approx_kl"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dpo_loss_returns_detached_rewards():
+    pi_chosen, pi_rejected, ref_chosen, ref_rejected = (-randn(6, seed=s, scale=5.0).abs() for s in range(4))
+    pi_chosen.requires_grad_(True)
+    pi_rejected.requires_grad_(True)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1)
+    assert loss.requires_grad
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_is_zero_outside_the_mask(shift_mean):
+    x = randn(5, 12, seed=12, scale=2.0) + 3.0
+    mask = (torch.arange(12)[None, :] < torch.tensor([12, 7, 3, 1, 9])[:, None]).double()
+    whitened = masked_whiten(x, mask, shift_mean=shift_mean)
+    assert torch.all(whitened[~mask.bool()] == 0)

@@ -2,13 +2,15 @@
 
 import copy
 import math
+import random
 
 import pytest
 import torch
 
+import rl
 import world
-from gpt import GPT, GPTConfig, response_log_probs
-from kernels import bradley_terry_loss, dpo_loss
+from gpt import GPT, GPTConfig, configure_optimizer, response_log_probs
+from kernels import bradley_terry_loss, dpo_loss, group_advantages
 from rl import (RewardModel, build_preferences, implicit_reward_stats, load_reward_model, pair_log_probs,
                 reference_log_probs, save_reward_model)
 from tokenizer import Tokenizer
@@ -177,3 +179,131 @@ def test_dpo_step0_loss_is_ln2_and_training_margin_rises(tokenizer):
         optimizer.step()
     assert abs(margins[0]) < 1e-4
     assert margins[-1] > margins[0] + 0.1
+
+
+def test_label_pairs_orients_each_pair_by_the_noise_free_rater_and_drops_ties(toy_tokenizer):
+    tasks = world.make_tasks("math", 6, "train", seed=0)
+    good = [t.ideal + world.END for t in tasks]
+    bad = [t.bad["wrong"] + world.END for t in tasks]
+    replies_a = [g if i % 2 else b for i, (g, b) in enumerate(zip(good, bad))]  # the good reply on both sides
+    replies_b = [b if i % 2 else g for i, (g, b) in enumerate(zip(good, bad))]
+    sources = [("a", "b")] * 6
+    tie = world.make_tasks("math", 1, "train", seed=1)[0]  # two different wrong answers: the judge scores both 0
+    tie_a, tie_b = world.final_answer(tie.truth + 1) + world.END, world.final_answer(tie.truth + 2) + world.END
+    assert tie_a != tie_b and world.gold_score(tie, tie_a) == world.gold_score(tie, tie_b)
+    prompts = [toy_tokenizer.render_prompt([{"role": "user", "content": t.prompt}]) for t in tasks + [tie]]
+    pairs = rl.label_pairs(tasks + [tie], replies_a + [tie_a], replies_b + [tie_b], toy_tokenizer, prompts,
+                           random.Random(0), 0.0, sources + [("a", "b")], max_tokens=1000)
+    assert len(pairs) == 6  # the tie is dropped
+    for i, (task, pair) in enumerate(zip(tasks, pairs)):
+        assert pair["chosen"] == good[i] and pair["rejected"] == bad[i]
+        assert pair["chosen_ids"] == rl.reply_ids(toy_tokenizer, good[i])
+        assert pair["rejected_ids"] == rl.reply_ids(toy_tokenizer, bad[i])
+        assert pair["gold_chosen"] == world.gold_score(task, good[i]) > pair["gold_rejected"]
+        assert pair["chosen_source"] == ("b" if i % 2 == 0 else "a") and not pair["flipped"]
+
+
+def test_reward_model_subtracts_its_offset(toy_tokenizer):
+    reward_model = rl.RewardModel(tiny_gpt(toy_tokenizer, 0))
+    torch.nn.init.normal_(reward_model.head.weight)
+    prompts, replies = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]]
+    before = reward_model(prompts, replies)
+    reward_model.offset.fill_(0.25)
+    torch.testing.assert_close(reward_model(prompts, replies), before - 0.25)
+    torch.testing.assert_close(reward_model.score(prompts, replies), before.detach() - 0.25)
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.3), ("ipo", 0.0), ("hinge", 0.0)])
+def test_dpo_batch_is_dpo_loss_of_the_pair_log_probs(toy_tokenizer, loss_type, label_smoothing):
+    # A reference that differs from the policy: at policy == reference every variant is insensitive to
+    # swapped reference log-probs and the sigmoid loss to label smoothing (it is ln 2 for any).
+    pairs = ideal_vs_bad_pairs(toy_tokenizer, n=4)
+    policy, reference = tiny_gpt(toy_tokenizer, 0), tiny_gpt(toy_tokenizer, 1)
+    ref_chosen, ref_rejected = rl.reference_log_probs(reference, pairs)
+    policy.train()
+    loss, stats = rl.dpo_batch(policy, pairs, ref_chosen, ref_rejected, beta=0.5, loss_type=loss_type,
+                               label_smoothing=label_smoothing)
+    pi_chosen, pi_rejected = rl.pair_log_probs(policy, pairs)
+    expected, chosen_rewards, rejected_rewards = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.5,
+                                                          loss_type=loss_type, label_smoothing=label_smoothing)
+    torch.testing.assert_close(loss, expected)
+    assert stats["margin"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), rel=1e-5)
+    assert stats["reward_acc"] == (chosen_rewards > rejected_rewards).float().mean().item()
+
+
+def small_rollout(tokenizer, policy, n_tasks=4, samples=2):
+    tasks = [world.random_task(random.Random(i)) for i in range(n_tasks)]
+    return rl.sample_rollout(policy, tokenizer, tasks, samples=samples, max_new_tokens=6, seed=0)
+
+
+def test_rollout_log_probs_score_under_the_sampling_temperature(toy_tokenizer, make_gpt):
+    policy = make_gpt(seed=1)
+    rollout = small_rollout(toy_tokenizer, policy)
+    logp, mask = rl.rollout_log_probs(policy, rollout, temperature=0.7)
+    with torch.no_grad():
+        expected, expected_mask = response_log_probs(policy, rollout.prompts, rollout.responses, temperature=0.7)
+        at_one, _ = response_log_probs(policy, rollout.prompts, rollout.responses)
+    torch.testing.assert_close(logp, expected)
+    assert torch.equal(mask, expected_mask)
+    assert not torch.allclose(expected, at_one)  # the temperature matters for this model
+
+
+def test_kl_beta_enters_the_optimised_loss(toy_tokenizer, make_gpt):
+    # Zero advantages: the surrogate has no gradient, so only the KL term can move the policy.
+    policy, reference = make_gpt(seed=1).train(), make_gpt(seed=2)
+    rollout = small_rollout(toy_tokenizer, policy)
+    old_logp, mask = rl.rollout_log_probs(policy, rollout)
+    ref_logp, _ = rl.rollout_log_probs(reference, rollout)
+    for kl_beta, should_move in [(0.0, False), (0.1, True)]:
+        model = copy.deepcopy(policy)
+        before = [p.detach().clone() for p in model.parameters()]
+        history = rl.clipped_policy_update(model, configure_optimizer(model, 1e-2, 0.0), rollout, old_logp,
+                                           torch.zeros_like(mask), mask, rl.ClipConfig(epochs=1, kl_beta=kl_beta),
+                                           random.Random(0), ref_logp=ref_logp)
+        moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert moved == should_move, kl_beta
+        if kl_beta:
+            assert history[0]["kl_k3"] > 0
+
+
+def draw_math(seed=0):
+    rng = random.Random(seed)
+    return lambda n: [world.make_task("math", "arithmetic", rng, "train") for _ in range(n)]
+
+
+def test_grpo_step_measures_kl_against_the_reference(toy_tokenizer, make_gpt):
+    policy, reference = make_gpt(seed=1).train(), make_gpt(seed=2)
+    before = copy.deepcopy(policy)
+    stats, rollout = rl.grpo_step(policy, configure_optimizer(policy, 1e-2, 0.0), reference, toy_tokenizer,
+                                  draw_math(), lambda r: [float(x[0] % 2) for x in r.responses],
+                                  rl.ClipConfig(epochs=1, minibatch_size=8, kl_beta=0.1), random.Random(0),
+                                  n_groups=2, group_size=4, max_new_tokens=6)
+    old_logp, mask = rl.rollout_log_probs(before, rollout)
+    ref_logp, _ = rl.rollout_log_probs(reference, rollout)
+    expected = ((old_logp - ref_logp) * mask).sum(dim=1).mean().item()
+    assert abs(expected) > 1e-2
+    assert stats["kl"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_grpo_step_passes_its_scale_to_group_advantages(toy_tokenizer, make_gpt, monkeypatch):
+    captured = {}
+    original = rl.clipped_policy_update
+
+    def spy(policy, optimizer, rollout, old_logp, advantages, mask, *args, **kwargs):
+        captured.update(advantages=advantages.clone(), mask=mask.clone())
+        return original(policy, optimizer, rollout, old_logp, advantages, mask, *args, **kwargs)
+
+    monkeypatch.setattr(rl, "clipped_policy_update", spy)
+
+    def reward(rollout):
+        return [float(x[0] % 3) for x in rollout.responses]
+
+    policy, reference = make_gpt(seed=1).train(), make_gpt(seed=1)
+    _, rollout = rl.grpo_step(policy, configure_optimizer(policy, 1e-2, 0.0), reference, toy_tokenizer, draw_math(),
+                              reward, rl.ClipConfig(epochs=1, minibatch_size=8), random.Random(0), n_groups=3,
+                              group_size=4, scale="none", max_new_tokens=6)
+    rewards = torch.tensor(reward(rollout))
+    expected = group_advantages(rewards, 4, scale="none")[:, None] * captured["mask"]
+    with_std = group_advantages(rewards, 4, scale="std")[:, None] * captured["mask"]
+    assert not torch.allclose(expected, with_std)  # the rewards make the two scales differ
+    torch.testing.assert_close(captured["advantages"], expected)

@@ -290,3 +290,22 @@ def test_no_reply_scores_above_the_ideal_on_the_eval_suite():
         candidates += list(task.bad.values()) + [task.ideal + " " + bad for bad in task.bad.values()]
         for reply in candidates:
             assert gold_score(task, reply + END) <= 1.0 and gold_score(task, reply) <= 1.0, reply
+
+
+def test_gold_score_rudeness_and_capped_length_penalties():
+    task = world.make_tasks("facts", 1, "train", seed=0, kind="known")[0]
+    rude = "Ugh, fine. " + task.ideal
+    extra = len(rude) / len(task.ideal) - 1
+    assert world.gold_score(task, rude + world.END) == round(1.0 - 0.5 - min(0.5, 0.2 * extra), 9)
+    padded = task.ideal + " " + " ".join(world.FILLER)
+    assert 0.2 * (len(padded) / len(task.ideal) - 1) > 0.5  # the cap binds
+    assert world.gold_score(task, padded + world.END) == 0.5
+    assert world.gold_score(task, padded) == 0.0  # and the unended penalty on top
+
+
+def test_verify_false_premise_rejects_a_correction_that_also_names_the_claimed_value():
+    tasks = world.make_tasks("facts", 20, "train", seed=0, kind="false_premise")
+    for task in tasks:
+        assert world.verify(task, task.ideal + world.END)
+        hedge = f"No, that is not right. It is {task.truth} or {task.info['claimed']}."
+        assert not world.verify(task, hedge + world.END), hedge
