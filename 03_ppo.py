@@ -20,6 +20,15 @@ that sampled it, through the clipped surrogate (Schulman et al. 2017), rho_t = p
 and the value model regresses onto the returns A_t + V_t. The KL coefficient is fixed or adapted
 (Ziegler et al. 2019) to hold the KL near a target.
 
+InstructGPT's PPO-ptx adds a supervised term to every update, so that chasing the reward model does not
+unlearn what the policy could already do (the "alignment tax"):
+
+    L_total = L + ptx_coef * (- mean log pi(y_demo | x_demo))
+
+InstructGPT mixes in pretraining text; here it is SFT's own demonstrations, since the toy internet's chats
+are deliberately mixed (wrong sums, rude replies). The reward model cannot tell a right sum from a wrong
+one (02), so without the term math drifts down while the policy learns what the reward model does see.
+
 The reward model is a proxy for the gold judge, learned from ~4,000 noisy comparisons. Optimise it
 hard enough and the policy finds what it gets wrong: the RM reward keeps rising while the gold score
 stalls or falls (reward over-optimisation, Gao et al. 2022). The KL penalty is what holds that back;
@@ -51,8 +60,8 @@ from gpt import average_over_processes, configure_optimizer, is_main, save_check
 from kernels import gae_advantages, kl_penalty, masked_mean, masked_whiten, ppo_value_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
-from rl import (ClipConfig, clipped_policy_update, first_minibatch, load_reward_stage, mean_stats, rollout_log_probs,
-                process_share, sample_rollout)
+from rl import (ClipConfig, clipped_policy_update, first_minibatch, load_reward_stage, mean_stats, process_share,
+                reply_ids, reply_loss, rollout_log_probs, sample_rollout)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -76,6 +85,8 @@ class PPOConfig:
     max_new_tokens: int = 96
     unended_penalty: float = 1.0  # subtracted from the RM score of a reply that never ends its turn
     grad_clip: float = 1.0
+    ptx_coef: float = 0.0  # weight of the SFT loss on demonstrations in every update (PPO-ptx); 0 = plain PPO
+    ptx_demos: int = 1200  # SFT's demonstrations (world.sft_demonstrations with the run's seed, as 01 draws them)
     overopt_iters: int = 0  # a second run from SFT with a tiny KL coefficient, for the over-optimisation plot
     overopt_kl_coef: float = 0.001
     eval_samples: int = 4
@@ -85,10 +96,11 @@ class PPOConfig:
 
 PRESETS = {
     "test": PPOConfig(iterations=4, batch_size=16, lr=1e-4, value_lr=1e-4, kl_coef=0.05, minibatch_size=8,
-                      max_new_tokens=32, overopt_iters=2, eval_samples=1, eval_max_new_tokens=48, log_every=1),
-    "cpu": PPOConfig(iterations=60, batch_size=64, lr=3e-5, value_lr=1e-4, kl_coef=0.2, overopt_iters=30),
+                      max_new_tokens=32, ptx_coef=1.0, ptx_demos=160, overopt_iters=2, eval_samples=1,
+                      eval_max_new_tokens=48, log_every=1),
+    "cpu": PPOConfig(iterations=60, batch_size=64, lr=3e-5, value_lr=1e-4, kl_coef=0.2, ptx_coef=1.0, overopt_iters=30),
     "gpu": PPOConfig(iterations=150, batch_size=128, lr=2e-5, value_lr=1e-4, kl_coef=0.2, minibatch_size=64,
-                     overopt_iters=100),
+                     ptx_coef=1.0, ptx_demos=3000, overopt_iters=100),
 }
 
 
@@ -102,15 +114,17 @@ def parse_args():
                         help="> 0: adapt the KL coefficient to hold this KL per reply (nats); 0: fixed")
     parser.add_argument("--temperature", type=positive_float, default=None, help="sampling (and scoring) temperature")
     parser.add_argument("--epochs", type=positive_int, default=None, help="PPO epochs per rollout")
+    parser.add_argument("--ptx-coef", dest="ptx_coef", type=float, default=None,
+                        help="weight of the SFT loss on demonstrations added to every update (PPO-ptx; 0: plain PPO)")
     parser.add_argument("--overopt-iters", dest="overopt_iters", type=int, default=None,
                         help="iterations of the low-KL over-optimisation run (0: skip it)")
     parser.add_argument("--overopt-kl-coef", dest="overopt_kl_coef", type=float, default=None)
     args = parser.parse_args()
     device = resolve_run(args, parser)
-    for name in ("kl_coef", "kl_target", "overopt_iters", "overopt_kl_coef"):
+    for name in ("kl_coef", "kl_target", "ptx_coef", "overopt_iters", "overopt_kl_coef"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    overrides = ["iterations", "lr", "kl_coef", "kl_estimator", "kl_target", "temperature", "epochs",
+    overrides = ["iterations", "lr", "kl_coef", "kl_estimator", "kl_target", "temperature", "epochs", "ptx_coef",
                  "overopt_iters", "overopt_kl_coef"]
     return args, preset_config(PRESETS, args, overrides), device
 
@@ -161,6 +175,21 @@ def update_value_model(value_model, optimizer, rollout, old_values, returns, mas
     return average_over_processes({"loss": sum(losses) / len(losses)})["loss"]
 
 
+def ptx_term(policy, tokenizer, config, seed):
+    """PPO-ptx's extra loss, or None: a function that draws a minibatch of SFT's demonstrations and returns
+    ptx_coef times the SFT loss on it (rl.reply_loss, the reply tokens' mean negative log-likelihood)."""
+    if config.ptx_coef <= 0:
+        return None
+    demos = [(tokenizer.render_prompt([{"role": "user", "content": task.prompt}]), reply_ids(tokenizer, reply + world.END))
+             for task, reply in world.sft_demonstrations(config.ptx_demos, seed=seed)]
+    rng = random.Random(f"ptx/{seed}")  # the same draws in every process: the term is not split
+
+    def loss():
+        batch = rng.sample(demos, min(config.minibatch_size, len(demos)))
+        return config.ptx_coef * reply_loss(policy, [p for p, _ in batch], [r for _, r in batch])
+    return loss
+
+
 def adapt_kl_coef(kl_coef, kl, config):
     """Ziegler et al.'s proportional controller: nudge the coefficient towards holding KL at the target."""
     if config.kl_target <= 0:
@@ -169,8 +198,9 @@ def adapt_kl_coef(kl_coef, kl, config):
     return kl_coef * (1 + error / config.kl_horizon)
 
 
-def ppo_iteration(models, optimizers, tokenizer, config, kl_coef, rng, iteration, seed):
-    """One rollout, its rewards and advantages, then the policy and value updates. -> stats dict"""
+def ppo_iteration(models, optimizers, tokenizer, config, kl_coef, rng, iteration, seed, ptx=None):
+    """One rollout, its rewards and advantages, then the policy and value updates (plus the ptx term).
+    -> stats dict"""
     policy, value_model, reference, reward_model = models
     tasks = [world.random_task(rng, "train") for _ in range(config.batch_size)]
     start = time.time()
@@ -194,7 +224,7 @@ def ppo_iteration(models, optimizers, tokenizer, config, kl_coef, rng, iteration
     clip_config = ClipConfig(epochs=config.epochs, minibatch_size=config.minibatch_size, clip_low=config.clip,
                              temperature=config.temperature, grad_clip=config.grad_clip)
     history = clipped_policy_update(policy, optimizers[0], rollout, old_logp, advantages, mask, clip_config, rng,
-                                    step=iteration)
+                                    step=iteration, extra_loss=ptx)
     value_loss = update_value_model(value_model, optimizers[1], rollout, old_values, returns, mask, config, rng,
                                     iteration)
 
@@ -217,11 +247,12 @@ def train_ppo(args, config, frozen, tokenizer, device, *, kl_coef, iterations, l
     optimizers = (configure_optimizer(policy, config.lr, weight_decay=0.0),
                   configure_optimizer(value_model, config.value_lr, weight_decay=0.0))
     rng = random.Random(f"ppo/{label}/{args.seed}")
+    ptx = ptx_term(policy, tokenizer, config, args.seed)
     curve = []
     progress = Progress(iterations, config.log_every)
     for iteration in range(iterations):
         stats = ppo_iteration((policy, value_model, reference, reward_model), optimizers, tokenizer, config, kl_coef,
-                              rng, iteration, args.seed)
+                              rng, iteration, args.seed, ptx)
         if device.type == "cpu":  # on CUDA, bf16 rounding differs between the rollout's and a minibatch's batching
             assert abs(stats["first_ratio"] - 1) < 1e-4 and stats["first_clipfrac"] == 0, \
                 "the first minibatch is scored by the policy that sampled it: ratio 1, nothing clipped"
@@ -231,7 +262,7 @@ def train_ppo(args, config, frozen, tokenizer, device, *, kl_coef, iterations, l
             progress.line(iteration, run=label, rm=stats["rm_reward"], gold=stats["gold"], kl=stats["kl"],
                           clipfrac=stats["clipfrac"], approx_kl=stats["approx_kl"],
                           expl_var=stats["explained_variance"], entropy=stats["entropy"], len=stats["length"],
-                          tok_s=round(stats["tokens_per_s"]))
+                          tok_s=round(stats["tokens_per_s"]), **({"ptx": stats["extra_loss"]} if ptx else {}))
     return policy, curve
 
 
@@ -272,7 +303,7 @@ def main():
                         meta={"stage": "ppo", "preset": args.preset, "config": asdict(config)})
     overopt = []
     if config.overopt_iters:
-        low_kl = PPOConfig(**{**asdict(config), "kl_target": 0.0})
+        low_kl = PPOConfig(**{**asdict(config), "kl_target": 0.0, "ptx_coef": 0.0})  # plain PPO, tiny KL penalty
         _, overopt = train_ppo(args, low_kl, (reference, reward_model), tokenizer, device,
                                kl_coef=config.overopt_kl_coef, iterations=config.overopt_iters, label="low-kl")
     if not is_main():  # the other data-parallel processes are done
@@ -316,11 +347,15 @@ def main():
                                                           "approx_kl": (steps, series(curve, "approx_kl"))}},
         "value model": {"x": "iteration", "y": "explained variance",
                         "lines": {"explained variance": (steps, series(curve, "explained_variance"))}},
-        "entropy": {"x": "iteration", "y": "nats per token", "lines": {"entropy": (steps, series(curve, "entropy"))}},
+        "entropy (and the ptx term's SFT loss)": {
+            "x": "iteration", "y": "nats per token",
+            "lines": {"policy entropy on its rollouts": (steps, series(curve, "entropy")),
+                      **({f"ptx term: {config.ptx_coef} x SFT loss on demonstrations": (steps, series(curve, "extra_loss"))}
+                         if config.ptx_coef > 0 else {})}},
         "reply length": {"x": "iteration", "y": "tokens", "lines": {"mean length": (steps, series(curve, "length"))}},
         "rollout throughput": {"x": "iteration", "y": "generated tokens per second (KV cache)",
                                "lines": {"tokens/s": (steps, series(curve, "tokens_per_s"))}},
-    }, title=f"03 PPO ({args.preset} preset, kl_coef {config.kl_coef}): win rate vs SFT "
+    }, title=f"03 PPO ({args.preset} preset, kl_coef {config.kl_coef}, ptx_coef {config.ptx_coef}): win rate vs SFT "
              f"{metrics['win_rate_vs_sft']:.2f}, KL {metrics['kl_to_sft']:.2f}")
     shown = world.sample_prompts(tasks)
     write_task_samples(out / "samples.md", "The same prompts answered by the SFT and the PPO model (temperature 1)", tasks, shown,

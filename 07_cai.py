@@ -59,10 +59,9 @@ import world
 from gpt import (barrier, configure_optimizer, cosine_lr, is_main, load_checkpoint, local_share, local_token_share,
                  process_seed, response_log_probs, save_checkpoint, set_lr, shuffled_minibatches, split_and_gather,
                  update)
-from kernels import masked_mean
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json)
-from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids
+from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids, reply_loss
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ def helpful_replies(model, tokenizer, rng, n, temperature, seed):
     return list(zip(prompts, replies))
 
 
-def supervised_finetune(model, tokenizer, examples, config, rng, device):
+def supervised_finetune(model, tokenizer, examples, config, rng):
     """Fine-tune on (prompt, reply text) pairs: cross-entropy on the reply's tokens only. -> loss curve"""
     data = [(tokenizer.render_prompt([user(p)]), reply_ids(tokenizer, r)) for p, r in examples]
     max_steps = config.sl_epochs * ((len(data) + config.batch_size - 1) // config.batch_size)
@@ -232,9 +231,7 @@ def supervised_finetune(model, tokenizer, examples, config, rng, device):
     for step, (_, whole) in enumerate(shuffled_minibatches(data, config.batch_size, config.sl_epochs, rng)):
         set_lr(optimizer, cosine_lr(step, max_steps, config.sl_lr, warmup_steps=5))
         batch, weight = local_token_share(whole, lambda item: len(item[1]))  # under torchrun: this process's share
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logp, mask = response_log_probs(model, [p for p, _ in batch], [r for _, r in batch])
-            loss = -masked_mean(logp.float(), mask)
+        loss = reply_loss(model, [p for p, _ in batch], [r for _, r in batch])
         update(model, optimizer, loss * weight, config.grad_clip, step)
         losses.append(loss.item())
         if progress.due(step):
@@ -412,7 +409,7 @@ def main():
     print(f"SL-CAI: {len(records)} prompts critiqued (about {config.sl_benign_share:.0%} benign), {revised} replies "
           f"revised; fine-tuning on {len(examples)} ended targets (with {config.n_helpful} of the model's own replies "
           f"to other prompts)")
-    sl_losses = supervised_finetune(model, tokenizer, examples, config, rng, device)
+    sl_losses = supervised_finetune(model, tokenizer, examples, config, rng)
     sl_seconds = time.time() - start
     if is_main():
         save_checkpoint(out / "sl_cai.pt", model, tokenizer=tokenizer,

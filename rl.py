@@ -418,13 +418,15 @@ def process_share(minibatch, mask):
 
 
 def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask, config, rng, *, ref_logp=None,
-                          step=0):
+                          step=0, extra_loss=None):
     """`config.epochs` passes of the clipped surrogate over shuffled minibatches of one rollout.
 
     old_logp, advantages, mask: (N, R) per-token tensors of the whole rollout (a per-reply advantage is
     broadcast over its tokens by the caller). Returns one stats dict per minibatch, in order: the first
     minibatch sees the policy that sampled the rollout, so its ratio is 1 and its clipfrac 0. Under torchrun
     every process holds the whole rollout and trains on its share of each minibatch (gradients averaged).
+    extra_loss: None, or a function of no arguments whose loss is added to every minibatch's (03's ptx term);
+    it is logged as "extra_loss".
     """
     history = []
     for _, minibatch in shuffled_minibatches(list(range(len(rollout))), config.minibatch_size, config.epochs, rng):
@@ -444,10 +446,21 @@ def clipped_policy_update(policy, optimizer, rollout, old_logp, advantages, mask
             loss = loss + config.kl_beta * kl
             share_loss = share_loss + config.kl_beta * kl * weights["token_mean"]
             stats["kl_k3"] = kl.item()
+        if extra_loss is not None:
+            extra = extra_loss()
+            share_loss = share_loss + extra  # the same in every process: averaging keeps it whole
+            stats["extra_loss"] = extra.item()
         stats.update(policy_loss=loss.item(), entropy=masked_mean(entropy.float(), m).item())
         update(policy, optimizer, share_loss, config.grad_clip, step)  # NaN guard, backward, clip, step
         history.append(stats)
     return history
+
+
+def reply_loss(model, prompts, replies):
+    """The SFT loss on (prompt ids, reply ids) pairs: the mean negative log-likelihood of the reply tokens."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.lm_head.weight.is_cuda):
+        logp, mask = response_log_probs(model, prompts, replies)
+    return -masked_mean(logp.float(), mask)
 
 
 def first_minibatch(history):

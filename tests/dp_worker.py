@@ -86,7 +86,7 @@ def main():
     examples = [(t.prompt, "Sure, " * (1 + i % 4) + world.END) for i, t in enumerate(tasks)]
     sl_model = tiny_gpt(tokenizer.vocab_size, 4)
     sl_config = cai.CAIConfig(**{**vars(cai.PRESETS["test"]), "batch_size": 5, "sl_epochs": 2, "sl_lr": 1e-2})
-    cai.supervised_finetune(sl_model, tokenizer, examples, sl_config, random.Random(0), torch.device("cpu"))
+    cai.supervised_finetune(sl_model, tokenizer, examples, sl_config, random.Random(0))
     if is_main():
         torch.save({"policy": policy.state_dict(), "start": reference.state_dict(),
                     "value": value_model.state_dict(), "sl": sl_model.state_dict()}, sys.argv[1])

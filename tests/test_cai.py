@@ -75,7 +75,7 @@ def test_no_training_step_of_cai_calls_the_gold_judge(toy_tokenizer, make_gpt, n
     records = cai.critique_and_revise(model, toy_tokenizer, prompts, config, rng, seed=0)
     assert len(records) == 6 and all(len(r["rounds"]) == config.rounds for r in records)
     losses = cai.supervised_finetune(model, toy_tokenizer, [(r["prompt"], r["rounds"][-1]["revision"]) for r in records],
-                                     config, rng, device)
+                                     config, rng)
     assert losses and all(loss > 0 for loss in losses)
     reference = make_gpt(seed=5)
     reference.load_state_dict(model.state_dict())

@@ -87,3 +87,36 @@ def test_ppo_iterations_raise_the_reward_on_a_tiny_problem_and_start_each_update
     last = sum(s["rm_reward"] for s in history[-3:]) / 3
     assert last > first + 0.2, [round(s["rm_reward"], 2) for s in history]
     assert history[-1]["kl"] > 0  # the policy moved away from the reference
+
+
+def test_ptx_term_is_the_weighted_sft_loss_on_demonstrations_and_none_when_off(toy_tokenizer, make_gpt):
+    policy = make_gpt(seed=2)
+    config = ppo.PPOConfig(iterations=1, batch_size=4, lr=1e-3, value_lr=1e-3, kl_coef=0.0, minibatch_size=3,
+                           ptx_coef=2.0, ptx_demos=5)
+    assert ppo.ptx_term(policy, toy_tokenizer, ppo.PPOConfig(**{**config.__dict__, "ptx_coef": 0.0}), seed=0) is None
+    loss = ppo.ptx_term(policy, toy_tokenizer, config, seed=0)()
+    # the same minibatch by hand: three of the five demonstrations, drawn by the term's own random stream
+    demos = world.sft_demonstrations(5, seed=0)
+    chosen = random.Random("ptx/0").sample(demos, 3)
+    prompts = [toy_tokenizer.render_prompt([{"role": "user", "content": t.prompt}]) for t, _ in chosen]
+    replies = [toy_tokenizer.encode(reply) + [toy_tokenizer.eot_id] for _, reply in chosen]
+    logp, mask = rl.response_log_probs(policy, prompts, replies)
+    torch.testing.assert_close(loss, 2.0 * -(logp * mask).sum() / mask.sum())
+
+
+def test_ptx_term_moves_the_policy_towards_the_demonstrations_even_without_advantages(toy_tokenizer, make_gpt):
+    # zero advantages: the clipped surrogate has no gradient, so only the extra loss can move the policy
+    policy = make_gpt(seed=2).train()
+    tasks = [world.random_task(random.Random(i)) for i in range(4)]
+    rollout = rl.sample_rollout(policy, toy_tokenizer, tasks, samples=2, max_new_tokens=6, seed=0)
+    old_logp, mask = rl.rollout_log_probs(policy, rollout)
+    config = ppo.PPOConfig(iterations=1, batch_size=8, lr=1e-2, value_lr=1e-3, kl_coef=0.0, minibatch_size=8,
+                           ptx_coef=1.0, ptx_demos=8)
+    ptx = ppo.ptx_term(policy, toy_tokenizer, config, seed=0)  # every minibatch holds all 8 demonstrations
+    before = ptx().item()
+    optimizer = configure_optimizer(policy, 1e-2, 0.0)
+    for _ in range(5):
+        history = rl.clipped_policy_update(policy, optimizer, rollout, old_logp, torch.zeros_like(mask), mask,
+                                           rl.ClipConfig(epochs=1, minibatch_size=8), random.Random(0), extra_loss=ptx)
+    assert all("extra_loss" in stats for stats in history)
+    assert ptx().item() < before - 0.5  # the demonstrations became much more likely (6.0 -> 4.5 nats per token)
