@@ -30,7 +30,6 @@ import atexit
 import dataclasses
 import math
 import os
-import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tokenizer import Tokenizer, write_atomically
 
 
 @dataclass
@@ -593,8 +594,8 @@ def response_log_probs(model, prompts, responses, *, temperature=1.0, return_ent
 def save_checkpoint(path, model, *, tokenizer=None, meta=None):
     """Write config, weights, tokenizer (as plain data) and meta to path, atomically.
 
-    The file is written to a temporary name in the same folder and renamed over path only once
-    it is complete, so a crash mid-write leaves the previous checkpoint in place. Weights that are not
+    The file is written to a temporary name and renamed over path only once it is complete
+    (tokenizer.write_atomically), so a crash mid-write leaves the previous checkpoint in place. Weights that are not
     finite are never written: a finite loss does not make a finite step (a huge --lr, an overflowing
     backward pass), and the training loops' NaN guard only sees the loss.
     """
@@ -608,18 +609,7 @@ def save_checkpoint(path, model, *, tokenizer=None, meta=None):
         "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
         "meta": meta or {},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp_path, "xb") as f:  # created with the umask's permissions (mkstemp would make it 0600)
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -643,7 +633,6 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{corrupt} ({type(error).__name__})") from error
     tokenizer = None
     if tokenizer_data is not None:
-        from tokenizer import Tokenizer
         try:
             tokenizer = Tokenizer.from_dict(tokenizer_data)
         except ValueError as error:

@@ -10,12 +10,12 @@ import json
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
 import world
+from tokenizer import write_atomically
 
 STAGE_SCRIPTS = {"pretrain": "00_pretrain.py", "sft": "01_sft.py", "reward_model": "02_reward_model.py",
                  "ppo": "03_ppo.py", "dpo": "04_dpo.py", "grpo": "05_grpo.py", "rlvr": "06_rlvr.py", "cai": "07_cai.py"}
@@ -139,17 +139,8 @@ class Progress:
 # ---- stage outputs ------------------------------------------------------------------------------
 
 def write_json(path, data):
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x") as f:  # the umask's permissions (mkstemp would make it 0600)
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (tokenizer.write_atomically: a temporary file, then a rename)."""
+    write_atomically(path, lambda f: json.dump(data, f, indent=1))
 
 
 def read_json(path):

@@ -201,17 +201,8 @@ class Tokenizer:
         return tokenizer
 
     def save(self, path) -> None:
-        """Write JSON atomically: a temporary file in the same folder, then a rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp_path, "x", encoding="utf-8") as f:  # the umask's permissions, not mkstemp's 0600
-                json.dump(self.to_dict(), f)
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
+        """Write the tokenizer as plain JSON, atomically (write_atomically)."""
+        write_atomically(path, lambda f: json.dump(self.to_dict(), f))
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
@@ -224,6 +215,26 @@ class Tokenizer:
 
 
 # ---- the BPE learner -----------------------------------------------------------------------------
+def write_atomically(path, write, binary=False) -> None:
+    """Create path through write(file): into a temporary file in the same folder, renamed over path once it is
+    complete, so a crash mid-write leaves the previous file in place. The file follows the umask (a
+    tempfile.mkstemp file would be 0600). Tokenizer files, checkpoints (gpt.save_checkpoint) and JSON
+    (report.write_json) are written through it; it lives here because this module imports none of the project's
+    others, so every module can use it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp_path, "xb" if binary else "x", encoding=None if binary else "utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
 def count_chunks(documents, pattern: str) -> Counter:
     """How often each pre-split chunk occurs. Training then works on the distinct chunks only, which
     for natural (and templated) text are a tiny fraction of the corpus."""
