@@ -56,7 +56,7 @@ class PretrainConfig:
     warmup_steps: int
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_samples: int = 4  # sampled replies per eval task
+    eval_samples: int = world.EVAL_SAMPLES  # sampled replies per eval task
     eval_max_new_tokens: int = 96
     log_every: int = 20
 

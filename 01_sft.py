@@ -52,7 +52,7 @@ class SFTConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_samples: int = 4
+    eval_samples: int = world.EVAL_SAMPLES
     eval_max_new_tokens: int = 96
     log_every: int = 10
 

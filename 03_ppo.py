@@ -37,8 +37,13 @@ a second short run with a tiny penalty shows it (--overopt-iters, --overopt-kl-c
 What to watch: RM reward up, gold score up with it (measured for you, never used in training), KL to
 SFT growing slowly; clipfrac and approx_kl small; explained variance of the value model rising.
 
+How much of what PPO misses is the reward model's fault? --reward gold trains against the gold judge
+itself, a perfect reward model no real RLHF run has: the gap between the two runs is what the learned
+reward model costs, and what the oracle run still misses is the optimiser's budget (the README, 03).
+
     python 03_ppo.py                   # needs out/sft (01) and out/reward_model (02)
     python 03_ppo.py --kl-coef 0.01 --kl-estimator k3
+    python 03_ppo.py --reward gold --overopt-iters 0    # the oracle diagnostic
 """
 
 import os
@@ -87,9 +92,10 @@ class PPOConfig:
     grad_clip: float = 1.0
     ptx_coef: float = 0.0  # weight of the SFT loss on demonstrations in every update (PPO-ptx); 0 = plain PPO
     ptx_demos: int = 1200  # SFT's demonstrations (world.sft_demonstrations with the run's seed, as 01 draws them)
+    reward: str = "model"  # what scores the replies: 02's reward model, or (a diagnostic) the gold judge itself
     overopt_iters: int = 0  # a second run from SFT with a tiny KL coefficient, for the over-optimisation plot
     overopt_kl_coef: float = 0.001
-    eval_samples: int = 4
+    eval_samples: int = world.EVAL_SAMPLES
     eval_max_new_tokens: int = 96
     log_every: int = 5
 
@@ -116,6 +122,9 @@ def parse_args():
     parser.add_argument("--epochs", type=positive_int, default=None, help="PPO epochs per rollout")
     parser.add_argument("--ptx-coef", dest="ptx_coef", type=float, default=None,
                         help="weight of the SFT loss on demonstrations added to every update (PPO-ptx; 0: plain PPO)")
+    parser.add_argument("--reward", choices=["model", "gold"], default=None,
+                        help="what scores the replies: the reward model (default) or, as a diagnostic, the gold judge "
+                             "itself (a perfect reward model)")
     parser.add_argument("--overopt-iters", dest="overopt_iters", type=int, default=None,
                         help="iterations of the low-KL over-optimisation run (0: skip it)")
     parser.add_argument("--overopt-kl-coef", dest="overopt_kl_coef", type=float, default=None)
@@ -125,7 +134,7 @@ def parse_args():
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     overrides = ["iterations", "lr", "kl_coef", "kl_estimator", "kl_target", "temperature", "epochs", "ptx_coef",
-                 "overopt_iters", "overopt_kl_coef"]
+                 "reward", "overopt_iters", "overopt_kl_coef"]
     return args, preset_config(PRESETS, args, overrides), device
 
 
@@ -137,6 +146,15 @@ def token_rewards(scores, logp, ref_logp, mask, kl_coef, estimator):
     last = mask.sum(dim=1).long() - 1  # (N,) index of each reply's last token
     rewards[torch.arange(len(scores)), last] += scores.to(rewards.device)
     return rewards
+
+
+def reply_scores(reward_model, rollout, config):
+    """Each reply's reward (N,): the reward model's score, minus unended_penalty for a reply that never ended its
+    turn. With --reward gold the gold judge scores instead (it docks an unended reply itself): an oracle, there to
+    measure how much the learned reward model costs, never the method."""
+    if config.reward == "gold":
+        return torch.tensor([world.gold_score(t, x) for t, x in zip(rollout.tasks, rollout.texts)])
+    return reward_model.score(rollout.prompts, rollout.responses) - config.unended_penalty * (~rollout.ended()).float()
 
 
 def explained_variance(values, returns, mask):
@@ -212,7 +230,7 @@ def ppo_iteration(models, optimizers, tokenizer, config, kl_coef, rng, iteration
     old_logp, mask = rollout_log_probs(policy, rollout, temperature=config.temperature)
     ref_logp, _ = rollout_log_probs(reference, rollout, temperature=config.temperature)
     ended = rollout.ended()
-    scores = reward_model.score(rollout.prompts, rollout.responses) - config.unended_penalty * (~ended).float()
+    scores = reply_scores(reward_model, rollout, config)
     old_values = rollout_values(value_model, rollout, mask.shape[1])
 
     # ---- rewards and advantages ----
@@ -321,23 +339,25 @@ def main():
                    first_minibatch_clipfrac=max(series(curve, "first_clipfrac")),
                    curve={key: series(curve, key) for key in curve[0]},
                    overopt_curve={key: series(overopt, key) for key in ("rm_reward", "gold", "kl")} if overopt else None,
-                   preset=args.preset, seed=args.seed, device=str(device), threads=torch.get_num_threads())
+                   reward=config.reward, preset=args.preset, seed=args.seed, device=str(device),
+                   threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)
     print_comparison({"SFT": sft_metrics, "PPO": metrics}, world.METRIC_NAMES)
 
     steps = list(range(len(curve)))
+    trained_on = "RM reward" if config.reward == "model" else "reward: the gold judge itself"
     overopt_lines, overopt_points = {}, {}
     for run, stats in (("main run", curve), (f"kl_coef {config.overopt_kl_coef}", overopt)):
         if not stats:
             continue
         root_kl = [math.sqrt(max(k, 0.0)) for k in series(stats, "kl")]
-        for key, name in (("rm_reward", "RM reward"), ("gold", "gold score")):
+        for key, name in (("rm_reward", trained_on), ("gold", "gold score")):
             overopt_points[f"{run}: {name}"] = (root_kl, series(stats, key))
             overopt_lines[f"{run}: {name} (binned)"] = binned(root_kl, series(stats, key))
     plot_curves(out / "curves.png", {
         "reward of the rollouts": {"x": "iteration", "y": "mean per reply (moving average of 5)",
-                                   "lines": {"RM reward (trained on)": (steps, smooth(series(curve, "rm_reward"))),
+                                   "lines": {f"{trained_on} (trained on)": (steps, smooth(series(curve, "rm_reward"))),
                                              "gold score (never seen)": (steps, smooth(series(curve, "gold")))}},
         "KL to the SFT model": {"x": "iteration", "y": "nats per reply (k1, rollouts)",
                                 "lines": {"KL": (steps, series(curve, "kl"))}},
@@ -355,7 +375,8 @@ def main():
         "reply length": {"x": "iteration", "y": "tokens", "lines": {"mean length": (steps, series(curve, "length"))}},
         "rollout throughput": {"x": "iteration", "y": "generated tokens per second (KV cache)",
                                "lines": {"tokens/s": (steps, series(curve, "tokens_per_s"))}},
-    }, title=f"03 PPO ({args.preset} preset, kl_coef {config.kl_coef}, ptx_coef {config.ptx_coef}): win rate vs SFT "
+    }, title=f"03 PPO ({args.preset} preset, kl_coef {config.kl_coef}, ptx_coef {config.ptx_coef}"
+             f"{', gold judge as reward' if config.reward == 'gold' else ''}): win rate vs SFT "
              f"{metrics['win_rate_vs_sft']:.2f}, KL {metrics['kl_to_sft']:.2f}")
     shown = world.sample_prompts(tasks)
     write_task_samples(out / "samples.md", "The same prompts answered by the SFT and the PPO model (temperature 1)", tasks, shown,

@@ -58,7 +58,7 @@ class DPOConfig:
     lr: float
     warmup_steps: int = 10
     grad_clip: float = 1.0
-    eval_samples: int = 4
+    eval_samples: int = world.EVAL_SAMPLES
     eval_max_new_tokens: int = 96
     log_every: int = 10
     kl_prompts: int = 64  # eval-suite prompts whose sampled replies measure the KL to SFT during training

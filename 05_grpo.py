@@ -71,7 +71,7 @@ class GRPOConfig:
     max_new_tokens: int = 96
     format_weight: float = 0.1  # reward = 1 if the answer is right + format_weight if the format is
     grad_clip: float = 1.0
-    eval_samples: int = 4
+    eval_samples: int = world.EVAL_SAMPLES
     eval_max_new_tokens: int = 96
     log_every: int = 5
 

@@ -87,7 +87,7 @@ class CAIConfig:
     critique_tokens: int = 40
     debias_positions: bool = True
     grad_clip: float = 1.0
-    eval_samples: int = 4
+    eval_samples: int = world.EVAL_SAMPLES
     eval_max_new_tokens: int = 96
     request_samples: int = 128  # replies per eval-suite request for the precise refusal and help rates
     log_every: int = 10

@@ -781,6 +781,10 @@ def skill_demonstrations(n, seed):
 # The evaluation suite
 # ---------------------------------------------------------------------------------------------
 
+# Replies sampled per eval task. A rate over 16 tasks x 4 replies has a sampling standard error of up to 6 points,
+# more than the 5 points some targets turn on (one SFT model's "I don't know" rate read 0.81 from 4 replies per task
+# and 0.68 from 16); at 16 replies per task it is up to 3 points, for about 6 s more per evaluation on 2 CPU cores.
+EVAL_SAMPLES = 16
 EVAL_COUNTS = {("math", "arithmetic"): 48, ("facts", "known"): 24, ("facts", "unknown"): 12,
                ("facts", "false_premise"): 16, ("requests", "benign"): 16, ("requests", "harmful"): 16}
 
@@ -865,7 +869,7 @@ def flag_rate(flags, key):
     return _rate([f[key] for f in flags if key in f])
 
 
-def evaluate(model, tokenizer, tasks, *, samples=4, temperature=1.0, max_new_tokens=96, seed=0,
+def evaluate(model, tokenizer, tasks, *, samples=EVAL_SAMPLES, temperature=1.0, max_new_tokens=96, seed=0,
              ref_model=None, ref_texts=None):
     """Run the eval suite: sampled replies (`samples` per task at `temperature`) plus greedy replies.
 

@@ -55,6 +55,17 @@ def test_advantages_come_from_kernels_not_a_second_implementation():
     assert rl.clipped_policy_update.__code__.co_names.count("ppo_policy_loss") >= 1
 
 
+def test_reply_scores_are_the_reward_model_less_the_unended_penalty_or_with_reward_gold_the_judge_itself():
+    task = world.make_tasks("math", 1, "train", seed=0)[0]
+    texts = [task.ideal + world.END, task.bad["wrong"] + world.END, task.ideal]  # right, wrong, right but unended
+    rollout = rl.Rollout([task] * 3, [[1]] * 3, [[2, 3], [2, 4, 5, 6], [7]], texts)
+    config = ppo.PRESETS["test"]
+    scores = ppo.reply_scores(ShareOfLowTokens(8), rollout, config)  # token ids below 4 score
+    assert scores.tolist() == [1.0, 0.25, 0.0 - config.unended_penalty]
+    gold = ppo.PPOConfig(**{**config.__dict__, "reward": "gold"})
+    assert ppo.reply_scores(None, rollout, gold).tolist() == [world.gold_score(task, t) for t in texts] == [1.0, 0.0, 0.5]
+
+
 def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_the_mean():
     returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])

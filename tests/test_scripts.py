@@ -116,6 +116,17 @@ def test_ppo_logs_its_health_and_the_over_optimisation_run(pipeline):
     assert metrics["kl_to_sft"] > 0 and 0.0 <= metrics["win_rate_vs_sft"] <= 1.0
 
 
+def test_ppo_with_reward_gold_trains_on_the_gold_judge_itself(pipeline, tmp_path):
+    for stage in ("sft", "reward_model"):
+        shutil.copytree(pipeline / stage, tmp_path / stage)
+    result = run_script("03_ppo.py", "--preset", "test", "--out", str(tmp_path), "--reward", "gold", "--iterations", "2",
+                        "--overopt-iters", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = read_metrics(tmp_path, "ppo")
+    assert metrics["reward"] == "gold" and read_metrics(pipeline, "ppo")["reward"] == "model"
+    assert metrics["curve"]["rm_reward"] == pytest.approx(metrics["curve"]["gold"])  # the reward is the gold score
+
+
 def test_grpo_tracks_groups_clipping_entropy_and_lengths(pipeline):
     metrics = read_metrics(pipeline, "grpo")
     for key in ("reward", "zero_variance_share", "clipfrac", "entropy", "len_correct", "len_wrong", "kl"):
