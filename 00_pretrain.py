@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (GPT, GPTConfig, configure_optimizer, cosine_lr, is_main, lm_loss, local_share, main_process_first,
-                 save_checkpoint, set_lr, update)
+from gpt import (GPT, GPTConfig, configure_optimizer, cosine_lr, is_main, leave_distributed, lm_loss, local_share,
+                 main_process_first, save_checkpoint, set_lr, update)
 from report import (Progress, plot_curves, positive_float, positive_int, preset_config, resolve_run, run_parser,
                     stage_dir, write_json, write_task_samples)
 from tokenizer import Tokenizer
@@ -218,3 +218,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

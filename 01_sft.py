@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (configure_optimizer, cosine_lr, is_main, lm_loss, local_token_share, save_checkpoint, set_lr,
-                 shuffled_minibatches, update)
+from gpt import (configure_optimizer, cosine_lr, is_main, leave_distributed, lm_loss, local_token_share,
+                 save_checkpoint, set_lr, shuffled_minibatches, update)
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 
@@ -212,3 +212,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

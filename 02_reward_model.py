@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gpt import (configure_optimizer, cosine_lr, is_main, local_share, main_process_first, set_lr, shuffled_minibatches,
-                 update)
+from gpt import (configure_optimizer, cosine_lr, is_main, leave_distributed, local_share, main_process_first, set_lr,
+                 shuffled_minibatches, update)
 from kernels import bradley_terry_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, resolve_run,
                     run_parser, stage_dir, write_json, write_samples)
@@ -226,3 +226,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

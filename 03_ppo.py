@@ -61,7 +61,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import average_over_processes, configure_optimizer, is_main, save_checkpoint, shuffled_minibatches, update
+from gpt import (average_over_processes, configure_optimizer, is_main, leave_distributed, save_checkpoint,
+                 shuffled_minibatches, update)
 from kernels import gae_advantages, kl_penalty, masked_mean, masked_whiten, ppo_value_loss
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
@@ -386,3 +387,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

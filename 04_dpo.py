@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (configure_optimizer, cosine_lr, is_main, local_share, main_process_first, save_checkpoint,
-                 set_lr, shuffled_minibatches, update)
+from gpt import (configure_optimizer, cosine_lr, is_main, leave_distributed, local_share, main_process_first,
+                 save_checkpoint, set_lr, shuffled_minibatches, update)
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import (PREFERENCE_DATA, dpo_batch, implicit_reward_stats, preference_data, preference_stats,
@@ -201,3 +201,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, is_main, save_checkpoint
+from gpt import configure_optimizer, is_main, leave_distributed, save_checkpoint
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import ClipConfig, grpo_step, training_state_bytes, verifiable_reward
@@ -203,3 +203,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

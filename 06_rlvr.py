@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import configure_optimizer, is_main, save_checkpoint
+from gpt import configure_optimizer, is_main, leave_distributed, save_checkpoint
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import CHECKERS, ClipConfig, grpo_step, load_reward_stage, sample_rollout, verifiable_reward
@@ -246,3 +246,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

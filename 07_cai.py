@@ -56,9 +56,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import world
-from gpt import (barrier, configure_optimizer, cosine_lr, is_main, load_checkpoint, local_share, local_token_share,
-                 process_seed, response_log_probs, save_checkpoint, set_lr, shuffled_minibatches, split_and_gather,
-                 update)
+from gpt import (barrier, configure_optimizer, cosine_lr, is_main, leave_distributed, load_checkpoint, local_share,
+                 local_token_share, process_seed, response_log_probs, save_checkpoint, set_lr, shuffled_minibatches,
+                 split_and_gather, update)
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json)
 from rl import dpo_batch, implicit_reward_stats, reference_log_probs, reply_ids, reply_loss
@@ -509,3 +509,4 @@ def write_critiques(path, records, tasks, sft_texts, sl_texts, rl_texts, samples
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

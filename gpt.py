@@ -26,7 +26,6 @@ token is at the same column. Each row gets its own position ids (its first real 
 0) and an attention mask that is causal and hides the pad keys; the result for each row is the
 same as generating it alone.
 """
-import atexit
 import dataclasses
 import math
 import os
@@ -410,10 +409,17 @@ def init_distributed(device):
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        # Leave the group on exit: a process whose communication threads are still alive at interpreter
-        # teardown can abort ("terminate called without an active exception"), which torchrun reports as a
-        # failed run (seen once in 05 under the gloo test, whose non-zero ranks exit before rank 0).
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+
+
+def leave_distributed():
+    """End of a run under torchrun: every process waits here until all are done (rank 0 evaluates and writes
+    after the others have finished training), then all leave the group together. A process that tore down its
+    group and exited while another was still running sometimes aborted at exit under gloo ("terminate called
+    without an active exception", a failed run to torchrun). A no-op in one process."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world_info():

@@ -23,7 +23,7 @@ import rl  # noqa: E402
 import world  # noqa: E402
 from conftest import load_script  # noqa: E402
 from gpt import (GPT, GPTConfig, configure_optimizer, gather_lists, init_distributed, is_main,  # noqa: E402
-                 split_and_gather)
+                 leave_distributed, split_and_gather)
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -94,3 +94,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    leave_distributed()
