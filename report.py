@@ -239,12 +239,24 @@ REPORT_COLUMNS = ["gold_score", "win_rate_vs_sft", "kl_to_sft", "math_acc", "mat
                   "mean_len"]
 
 
+def cpu_name(cpuinfo=Path("/proc/cpuinfo")):
+    """The CPU's model name where Linux tells it (cpuinfo), else the architecture. It matters: the same seed
+    gives the same numbers only on the same kind of CPU (MKL picks its code path by CPU)."""
+    import platform
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware():
     """One line naming the machine the numbers came from."""
-    import platform
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def label_offsets(points, near=0.1):

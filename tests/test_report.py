@@ -1,4 +1,4 @@
-"""report.py's progress lines, the report card's busy time and its win-rate ceiling."""
+"""report.py's progress lines, the report card's busy time, its win-rate ceiling and its hardware line."""
 
 import report
 from report import Progress, busy_seconds
@@ -61,3 +61,11 @@ def test_write_json_is_atomic_and_follows_the_umask(tmp_path):
     assert report.read_json(tmp_path / "metrics.json") == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_hardware_line_names_the_cpu_model_where_linux_tells_it(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: fpu\n")
+    assert report.cpu_name(cpuinfo).startswith("AMD EPYC 9B14 (")
+    missing = report.cpu_name(tmp_path / "no such file")  # not Linux: the architecture, as before
+    assert missing and "EPYC" not in missing
