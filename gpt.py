@@ -411,17 +411,6 @@ def init_distributed(device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def leave_distributed():
-    """End of a run under torchrun: every process waits here until all are done (rank 0 evaluates and writes
-    after the others have finished training), then all leave the group together. A process that tore down its
-    group and exited while another was still running sometimes aborted at exit under gloo ("terminate called
-    without an active exception", a failed run to torchrun). A no-op in one process."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def world_info():
     """(rank, number of processes); (0, 1) without torchrun."""
     import torch.distributed as dist
@@ -439,6 +428,17 @@ def barrier():
     if world_info()[1] > 1:
         import torch.distributed as dist
         dist.barrier()
+
+
+def leave_distributed():
+    """End of a run under torchrun: every process waits here until all are done (rank 0 evaluates and writes
+    after the others have finished training), then all leave the group together. A process that tore down its
+    group and exited while another was still running sometimes aborted at exit under gloo ("terminate called
+    without an active exception", a failed run to torchrun). A no-op in one process."""
+    if world_info()[1] > 1:
+        import torch.distributed as dist
+        barrier()
+        dist.destroy_process_group()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -242,7 +243,6 @@ REPORT_COLUMNS = ["gold_score", "win_rate_vs_sft", "kl_to_sft", "math_acc", "mat
 def cpu_name(cpuinfo=Path("/proc/cpuinfo")):
     """The CPU's model name where Linux tells it (cpuinfo), else the architecture. It matters: the same seed
     gives the same numbers only on the same kind of CPU (MKL picks its code path by CPU)."""
-    import platform
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):

@@ -101,3 +101,10 @@ def test_the_rl_scripts_run_under_torchrun_and_only_rank_0_writes(sft_run, tmp_p
         result = run(script, out, processes=2)
         assert result.stdout.count("wrote ") == 1, script
         assert (out / stage / "metrics.json").is_file() and (out / stage / "model.pt").is_file()
+
+
+def test_every_numbered_script_ends_by_leaving_the_process_group():
+    """Under torchrun a rank that exits while another still runs can abort; gpt.leave_distributed is there to prevent it."""
+    for script in sorted(ROOT.glob("0*_*.py")):
+        ending = 'if __name__ == "__main__":\n    main()\n    leave_distributed()\n'
+        assert script.read_text().endswith(ending), script.name
