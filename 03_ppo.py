@@ -67,7 +67,7 @@ from kernels import gae_advantages, kl_penalty, masked_mean, masked_whiten, ppo_
 from report import (Progress, load_stage, plot_curves, positive_float, positive_int, preset_config, print_comparison,
                     read_stage_json, resolve_run, run_parser, stage_dir, write_json, write_task_samples)
 from rl import (ClipConfig, clipped_policy_update, first_minibatch, load_reward_stage, mean_stats, process_share,
-                reply_ids, reply_loss, rollout_log_probs, sample_rollout)
+                ptx_term, rollout_log_probs, sample_rollout)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -194,21 +194,6 @@ def update_value_model(value_model, optimizer, rollout, old_values, returns, mas
     return average_over_processes({"loss": sum(losses) / len(losses)})["loss"]
 
 
-def ptx_term(policy, tokenizer, config, seed):
-    """PPO-ptx's extra loss, or None: a function that draws a minibatch of SFT's demonstrations and returns
-    ptx_coef times the SFT loss on it (rl.reply_loss, the reply tokens' mean negative log-likelihood)."""
-    if config.ptx_coef <= 0:
-        return None
-    demos = [(tokenizer.render_prompt([{"role": "user", "content": task.prompt}]), reply_ids(tokenizer, reply + world.END))
-             for task, reply in world.sft_demonstrations(config.ptx_demos, seed=seed)]
-    rng = random.Random(f"ptx/{seed}")  # the same draws in every process: the term is not split
-
-    def loss():
-        batch = rng.sample(demos, min(config.minibatch_size, len(demos)))
-        return config.ptx_coef * reply_loss(policy, [p for p, _ in batch], [r for _, r in batch])
-    return loss
-
-
 def adapt_kl_coef(kl_coef, kl, config):
     """Ziegler et al.'s proportional controller: nudge the coefficient towards holding KL at the target."""
     if config.kl_target <= 0:
@@ -266,7 +251,8 @@ def train_ppo(args, config, frozen, tokenizer, device, *, kl_coef, iterations, l
     optimizers = (configure_optimizer(policy, config.lr, weight_decay=0.0),
                   configure_optimizer(value_model, config.value_lr, weight_decay=0.0))
     rng = random.Random(f"ppo/{label}/{args.seed}")
-    ptx = ptx_term(policy, tokenizer, config, args.seed)
+    ptx = ptx_term(policy, tokenizer, config.ptx_coef, n_demos=config.ptx_demos, batch_size=config.minibatch_size,
+                   seed=args.seed)
     curve = []
     progress = Progress(iterations, config.log_every)
     for iteration in range(iterations):

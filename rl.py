@@ -463,6 +463,23 @@ def reply_loss(model, prompts, replies):
     return -masked_mean(logp.float(), mask)
 
 
+def ptx_term(policy, tokenizer, coef, *, n_demos, batch_size, seed):
+    """InstructGPT's ptx term, or None when coef <= 0: a function of no arguments that draws batch_size of SFT's
+    demonstrations (world.sft_demonstrations(n_demos, seed), as 01 draws them) and returns coef times the SFT
+    loss on them (reply_loss). Passed as extra_loss, it is added to every minibatch of a clipped update, so
+    that chasing the reward does not unlearn what SFT taught."""
+    if coef <= 0:
+        return None
+    demos = [(tokenizer.render_prompt([{"role": "user", "content": task.prompt}]), reply_ids(tokenizer, reply + world.END))
+             for task, reply in world.sft_demonstrations(n_demos, seed=seed)]
+    rng = random.Random(f"ptx/{seed}")  # the same draws in every process: the term is not split
+
+    def loss():
+        batch = rng.sample(demos, min(batch_size, len(demos)))
+        return coef * reply_loss(policy, [p for p, _ in batch], [r for _, r in batch])
+    return loss
+
+
 def first_minibatch(history):
     """Ratio and clipfrac of an update's first minibatch (1 and 0: the policy has not moved yet)."""
     first = average_over_processes({"ratio": history[0]["ratio_mean"], "clipfrac": history[0]["clipfrac"]})
@@ -559,10 +576,11 @@ def sample_groups(policy, tokenizer, draw_tasks, reward_fn, *, n_groups, group_s
 
 
 def grpo_step(policy, optimizer, reference, tokenizer, draw_tasks, reward_fn, clip, rng, *, n_groups, group_size,
-              scale="std", dynamic_sampling=False, max_new_tokens=96, step=0, seed=0):
+              scale="std", dynamic_sampling=False, max_new_tokens=96, step=0, seed=0, extra_loss=None):
     """Sample n_groups x group_size replies, reward them (reward_fn(rollout) -> list of floats), turn each
     reward into its group-relative advantage (kernels.group_advantages) and apply the clipped update
     (clipped_policy_update with `clip`, a ClipConfig). No value model: the group is the baseline.
+    extra_loss: as in clipped_policy_update (for example ptx_term's).
 
     Returns (stats, rollout): the stats of the step and the rollout it trained on.
     """
@@ -577,7 +595,7 @@ def grpo_step(policy, optimizer, reference, tokenizer, draw_tasks, reward_fn, cl
     ref_logp, _ = rollout_log_probs(reference, rollout, temperature=clip.temperature)
     token_advantages = advantages.to(mask.device)[:, None] * mask  # every token of a reply gets its advantage
     history = clipped_policy_update(policy, optimizer, rollout, old_logp, token_advantages, mask, clip, rng,
-                                    ref_logp=ref_logp, step=step)
+                                    ref_logp=ref_logp, step=step, extra_loss=extra_loss)
     lengths = mask.sum(dim=1).cpu()
     correct = torch.tensor([bool(world.verify(t, x)) for t, x in zip(rollout.tasks, rollout.texts)])
     stats = {"reward": rewards.mean().item(), **sample_stats,

@@ -761,19 +761,23 @@ def sft_demonstrations(n, seed, mistake_rate=0.1):
 def skill_demonstrations(n, seed):
     """n multi-turn chats for SFT's mix (half critique-and-revise, half A/B comparison) with the number
     of chat turns the model must follow up on: trained only on single-turn demos, a small model forgets
-    the follow-up skills it learned in pretraining, and 07 (Constitutional AI) needs them. Harmful
-    requests are left out, so that SFT's refusals come from the scarce refusal demos alone.
+    the follow-up skills it learned in pretraining, and 07 (Constitutional AI) needs them.
+
+    On a harmful request the chat stops after the critique: SFT keeps the skill of seeing what is wrong
+    with a harmful reply, but never learns a refusal from a revision, so that SFT's refusals come from the
+    scarce refusal demos alone. (Leaving harmful requests out altogether made SFT forget that skill: on
+    200 harmful replies the base model's critiques named the harm 46 times, the SFT model's never.)
     Returns (messages, number of leading messages that are context only) pairs."""
     rng = random.Random(f"sft-skills/{seed}")
     chats = []
     while len(chats) < n:
         task = random_task(rng, "train")
-        if task.kind == "harmful":
-            continue
-        if len(chats) % 2 == 0:
-            chats.append((critique_chat(rng, task), 2))  # the first reply is the one critiqued: not learned
-        else:
+        if len(chats) % 2 == 1:
             chats.append((comparison_chat(rng, task), 1))
+        elif task.kind == "harmful":
+            chats.append((critique_chat(rng, task)[:4], 2))  # the critique is learned, the revision left out
+        else:
+            chats.append((critique_chat(rng, task), 2))  # the first reply is the one critiqued: not learned
     return chats
 
 

@@ -35,6 +35,17 @@ def test_a_group_with_identical_rewards_gets_zero_advantage_and_the_batch_still_
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
+def test_the_ptx_term_trains_even_when_every_group_teaches_nothing(toy_tokenizer, make_gpt):
+    policy, reference, optimizer, before = policy_reference_and_optimizer(make_gpt)
+    clip = rl.ClipConfig(epochs=1, minibatch_size=8, kl_beta=0.0)
+    ptx = rl.ptx_term(policy, toy_tokenizer, 1.0, n_demos=8, batch_size=8, seed=0)
+    stats, _ = rl.grpo_step(policy, optimizer, reference, toy_tokenizer, draw_math(), lambda r: [1.0] * len(r),
+                            clip, random.Random(0), n_groups=3, group_size=4, max_new_tokens=8, extra_loss=ptx)
+    assert stats["zero_variance_share"] == 1.0 and stats["policy_loss"] == 0.0
+    assert stats["extra_loss"] > 0  # logged, and the only thing that moved the weights
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
 def test_varied_rewards_move_the_policy(toy_tokenizer, make_gpt):
     policy, reference, optimizer, before = policy_reference_and_optimizer(make_gpt)
     clip = rl.ClipConfig(epochs=1, minibatch_size=8, kl_beta=0.1)

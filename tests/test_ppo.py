@@ -102,10 +102,8 @@ def test_ppo_iterations_raise_the_reward_on_a_tiny_problem_and_start_each_update
 
 def test_ptx_term_is_the_weighted_sft_loss_on_demonstrations_and_none_when_off(toy_tokenizer, make_gpt):
     policy = make_gpt(seed=2)
-    config = ppo.PPOConfig(iterations=1, batch_size=4, lr=1e-3, value_lr=1e-3, kl_coef=0.0, minibatch_size=3,
-                           ptx_coef=2.0, ptx_demos=5)
-    assert ppo.ptx_term(policy, toy_tokenizer, ppo.PPOConfig(**{**config.__dict__, "ptx_coef": 0.0}), seed=0) is None
-    loss = ppo.ptx_term(policy, toy_tokenizer, config, seed=0)()
+    assert rl.ptx_term(policy, toy_tokenizer, 0.0, n_demos=5, batch_size=3, seed=0) is None
+    loss = rl.ptx_term(policy, toy_tokenizer, 2.0, n_demos=5, batch_size=3, seed=0)()
     # the same minibatch by hand: three of the five demonstrations, drawn by the term's own random stream
     demos = world.sft_demonstrations(5, seed=0)
     chosen = random.Random("ptx/0").sample(demos, 3)
@@ -121,9 +119,7 @@ def test_ptx_term_moves_the_policy_towards_the_demonstrations_even_without_advan
     tasks = [world.random_task(random.Random(i)) for i in range(4)]
     rollout = rl.sample_rollout(policy, toy_tokenizer, tasks, samples=2, max_new_tokens=6, seed=0)
     old_logp, mask = rl.rollout_log_probs(policy, rollout)
-    config = ppo.PPOConfig(iterations=1, batch_size=8, lr=1e-2, value_lr=1e-3, kl_coef=0.0, minibatch_size=8,
-                           ptx_coef=1.0, ptx_demos=8)
-    ptx = ppo.ptx_term(policy, toy_tokenizer, config, seed=0)  # every minibatch holds all 8 demonstrations
+    ptx = rl.ptx_term(policy, toy_tokenizer, 1.0, n_demos=8, batch_size=8, seed=0)  # every minibatch: all 8 demos
     before = ptx().item()
     optimizer = configure_optimizer(policy, 1e-2, 0.0)
     for _ in range(5):

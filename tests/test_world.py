@@ -230,6 +230,16 @@ def test_sft_demonstrations_have_a_minority_of_small_mistakes():
     assert all(gold_score(task, reply + END) <= 1.0 for task, reply in demos)
 
 
+def test_skill_chats_critique_harmful_replies_but_never_teach_a_refusal():
+    chats = world.skill_demonstrations(400, seed=0)
+    critiques = [chat for chat, _ in chats if len(chat) > 2]  # comparisons are one question and one answer
+    on_harmful = [chat for chat in critiques if any(a in chat[0]["content"] for a in world.HARMFUL)]
+    assert len(critiques) == 200 and len(on_harmful) > 10  # SFT keeps the skill of critiquing harmful replies ...
+    assert all(len(chat) == 4 and chat[3]["content"].startswith("Critique:") for chat in on_harmful)  # ... no revision
+    learned = [m["content"] for chat, given in chats for m in chat[given:] if m["role"] == "assistant"]
+    assert not any(world.is_refusal(text) for text in learned)  # SFT's refusals come from the refusal demos alone
+
+
 def test_gold_prefer_is_exact_at_zero_temperature_and_noisy_above():
     task = world.make_tasks("math", 1, "train", seed=0)[0]
     rng = random.Random(0)
