@@ -222,6 +222,7 @@ def test_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
                                          ("02_reward_model.py", ["--epochs", "-1"]), ("00_pretrain.py", ["--device", "gpu"]),
                                          ("03_ppo.py", ["--kl-coef", "-1"]), ("03_ppo.py", ["--kl-estimator", "k9"]),
                                          ("05_grpo.py", ["--group-size", "1"]), ("05_grpo.py", ["--loss-agg", "sum"]),
+                                         ("05_grpo.py", ["--ptx-coef", "-1"]),
                                          ("06_rlvr.py", ["--beta", "-0.1"]), ("06_rlvr.py", ["--math-share", "1.5"]),
                                          ("07_cai.py", ["--principles", "99"]),
                                          ("07_cai.py", ["--sl-benign-share", "1"]), ("run_all.py", ["--jobs", "0"])])
