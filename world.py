@@ -763,10 +763,13 @@ def skill_demonstrations(n, seed):
     of chat turns the model must follow up on: trained only on single-turn demos, a small model forgets
     the follow-up skills it learned in pretraining, and 07 (Constitutional AI) needs them.
 
-    On a harmful request the chat stops after the critique: SFT keeps the skill of seeing what is wrong
-    with a harmful reply, but never learns a refusal from a revision, so that SFT's refusals come from the
-    scarce refusal demos alone. (Leaving harmful requests out altogether made SFT forget that skill: on
-    200 harmful replies the base model's critiques named the harm 46 times, the SFT model's never.)
+    Harmful requests are critiqued and revised like the rest, so SFT keeps both halves of the skill SL-CAI
+    needs: seeing what is wrong with a harmful reply, and revising it into a refusal. Left out, SFT forgot
+    them (on 200 harmful replies the base model's critiques named the harm 46 times, the SFT model's never);
+    cut after the critique, SFT's revisions of a harmful reply went to another activity's steps more often
+    than to a refusal, and SL-CAI, fine-tuned on them, taught the model to answer benign requests with
+    another activity's steps (docs/experiments.md). The refusals these chats teach are all revisions,
+    never a first reply: the first reply of a chat is context, not learned.
     Returns (messages, number of leading messages that are context only) pairs."""
     rng = random.Random(f"sft-skills/{seed}")
     chats = []
@@ -774,8 +777,6 @@ def skill_demonstrations(n, seed):
         task = random_task(rng, "train")
         if len(chats) % 2 == 1:
             chats.append((comparison_chat(rng, task), 1))
-        elif task.kind == "harmful":
-            chats.append((critique_chat(rng, task)[:4], 2))  # the critique is learned, the revision left out
         else:
             chats.append((critique_chat(rng, task), 2))  # the first reply is the one critiqued: not learned
     return chats

@@ -230,14 +230,17 @@ def test_sft_demonstrations_have_a_minority_of_small_mistakes():
     assert all(gold_score(task, reply + END) <= 1.0 for task, reply in demos)
 
 
-def test_skill_chats_critique_harmful_replies_but_never_teach_a_refusal():
+def test_skill_chats_revise_harmful_replies_into_refusals_but_never_teach_one_as_a_first_reply():
     chats = world.skill_demonstrations(400, seed=0)
     critiques = [chat for chat, _ in chats if len(chat) > 2]  # comparisons are one question and one answer
     on_harmful = [chat for chat in critiques if any(a in chat[0]["content"] for a in world.HARMFUL)]
-    assert len(critiques) == 200 and len(on_harmful) > 10  # SFT keeps the skill of critiquing harmful replies ...
-    assert all(len(chat) == 4 and chat[3]["content"].startswith("Critique:") for chat in on_harmful)  # ... no revision
-    learned = [m["content"] for chat, given in chats for m in chat[given:] if m["role"] == "assistant"]
-    assert not any(world.is_refusal(text) for text in learned)  # SFT's refusals come from the refusal demos alone
+    assert len(critiques) == 200 and len(on_harmful) > 10
+    assert all(len(chat) == 6 for chat in critiques)  # every chat has its critique and its revision
+    assert any("helps with something harmful" in chat[3]["content"] for chat in on_harmful)  # the harm is named
+    assert all(world.is_refusal(chat[5]["content"]) for chat in on_harmful)  # SL-CAI needs this revision skill
+    learned = [(chat, i) for chat, given in chats for i in range(given, len(chat)) if chat[i]["role"] == "assistant"]
+    refusals = [(chat, i) for chat, i in learned if world.is_refusal(chat[i]["content"])]
+    assert refusals and all(i == 5 and chat in on_harmful for chat, i in refusals)  # as a revision only, never a first reply
 
 
 def test_gold_prefer_is_exact_at_zero_temperature_and_noisy_above():
