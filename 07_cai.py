@@ -98,7 +98,7 @@ PRESETS = {
                       min_confidence=0.0, beta=0.1, dpo_epochs=1, dpo_lr=1e-4, batch_size=16, max_new_tokens=32,
                       critique_tokens=24, eval_samples=1, eval_max_new_tokens=48, request_samples=2, log_every=2),
     # beta 8 keeps RL-CAI close to the SL-CAI model: at 2 its DPO also taught refusing benign requests (seed 2:
-    # benign help -13.9 points, at 4 -6.5, at 8 -3.9; docs/experiments.md)
+    # benign help -13.9 points, at 4 -6.5, at 8 -4.0; docs/experiments.md)
     "cpu": CAIConfig(n_prompts=600, harmful_share=0.6, n_helpful=1800, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=1600,
                      principles=3, min_confidence=0.1, beta=8.0, dpo_epochs=2, dpo_lr=2e-5),
     "gpu": CAIConfig(n_prompts=2000, harmful_share=0.6, n_helpful=6000, rounds=1, sl_epochs=2, sl_lr=1e-4, n_pairs=3000,
