@@ -29,7 +29,8 @@ training: the gold judge only measures the result (a test checks that).
    averaged over several principles (--principles) and over both orders of the replies (a language
    model prefers a position; averaging the two orders cancels that bias, which is measured). The
    replies labelled this way train the SL-CAI model with DPO (04's loss, rl.dpo_batch), the
-   SL-CAI model as its reference.
+   SL-CAI model as its reference, on a short leash (--beta, 8 on the cpu preset): the labels favour
+   refusals, and pushed far, DPO teaches refusing harmless requests too.
 
 What to watch: the harmful-request refusal rate rising after each phase, the benign-help rate not
 falling (over-refusal is a failure too: the report counts refusals of harmless requests), and how
