@@ -29,6 +29,7 @@ same as generating it alone.
 import dataclasses
 import math
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -432,13 +433,19 @@ def barrier():
 
 def leave_distributed():
     """End of a run under torchrun: every process waits here until all are done (rank 0 evaluates and writes
-    after the others have finished training), then all leave the group together. A process that tore down its
-    group and exited while another was still running sometimes aborted at exit under gloo ("terminate called
-    without an active exception", a failed run to torchrun). A no-op in one process."""
+    after the others have finished training), leaves the group, and ends at once with os._exit, skipping
+    Python's interpreter shutdown. That shutdown can race PyTorch's own C++ threads (gloo's workers, which
+    may still hold a finished collective's tensors): a thread that touches a Python object while the
+    interpreter is torn down aborts the whole process ("terminate called without an active exception"), a
+    failed run to torchrun though its work was done (pytorch/pytorch#190489; destroy_process_group alone
+    does not prevent it). A no-op in one process."""
     if world_info()[1] > 1:
         import torch.distributed as dist
         barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skips the interpreter's shutdown; every file the run wrote is already closed
 
 
 @contextmanager

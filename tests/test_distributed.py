@@ -108,3 +108,17 @@ def test_every_numbered_script_ends_by_leaving_the_process_group():
     for script in sorted(ROOT.glob("0*_*.py")):
         ending = 'if __name__ == "__main__":\n    main()\n    leave_distributed()\n'
         assert script.read_text().endswith(ending), script.name
+
+
+def test_in_one_process_the_helpers_change_nothing_and_leave_distributed_returns():
+    """Without torchrun there is no group: shares are whole batches, and leave_distributed must not end the
+    process (under torchrun it exits at once, see its docstring). Checked in a child process, since an exit
+    with status 0 inside pytest would end the suite looking green."""
+    code = ("from gpt import gather_lists, leave_distributed, local_share, world_info\n"
+            "assert world_info() == (0, 1) and local_share([1, 2, 3]) == ([1, 2, 3], 1.0)\n"
+            "assert gather_lists((4, 5)) == [4, 5]\n"
+            "leave_distributed()\n"
+            "print('still running')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "still running\n"
