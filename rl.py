@@ -288,16 +288,27 @@ def reference_log_probs(model, pairs, batch_size=64):
 # ---------------------------------------------------------------------------------------------
 
 
-def dpo_batch(policy, pairs, ref_chosen, ref_rejected, *, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """The DPO loss of a batch of pairs and what to log about it (implicit-reward accuracy and margin,
-    the summed log-probs of the chosen and rejected replies)."""
+def dpo_batch(policy, pairs, ref_chosen, ref_rejected, *, beta, loss_type="sigmoid", label_smoothing=0.0,
+              nll_coef=0.0):
+    """The DPO loss of a batch of pairs and what to log about it (the DPO term alone, implicit-reward
+    accuracy and margin, the summed log-probs of the chosen and rejected replies, the chosen replies'
+    negative log-likelihood per token).
+
+    nll_coef > 0 adds nll_coef x that NLL to the loss (RPO, Pang et al. 2024): DPO only asks the chosen
+    reply to gain on the rejected one, and both often lose probability; the NLL term keeps chosen replies likely.
+    """
     pi_chosen, pi_rejected = pair_log_probs(policy, pairs)  # (B,), (B,) summed over reply tokens
     loss, chosen_rewards, rejected_rewards = dpo_loss(
         pi_chosen, pi_rejected, ref_chosen.to(pi_chosen.device), ref_rejected.to(pi_chosen.device),
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    stats = {"reward_acc": (chosen_rewards > rejected_rewards).float().mean().item(),
+    chosen_tokens = torch.tensor([len(p["chosen_ids"]) for p in pairs], device=pi_chosen.device)
+    nll_chosen = -(pi_chosen / chosen_tokens).mean()  # each reply's mean over its tokens, then over the batch
+    stats = {"dpo_loss": loss.item(), "reward_acc": (chosen_rewards > rejected_rewards).float().mean().item(),
              "margin": (chosen_rewards - rejected_rewards).mean().item(),
-             "logp_chosen": pi_chosen.mean().item(), "logp_rejected": pi_rejected.mean().item()}
+             "logp_chosen": pi_chosen.mean().item(), "logp_rejected": pi_rejected.mean().item(),
+             "nll_chosen": nll_chosen.item()}
+    if nll_coef:
+        loss = loss + nll_coef * nll_chosen
     return loss, stats
 
 

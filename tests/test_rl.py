@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import rl
 import world
@@ -229,6 +230,29 @@ def test_dpo_batch_is_dpo_loss_of_the_pair_log_probs(toy_tokenizer, loss_type, l
     torch.testing.assert_close(loss, expected)
     assert stats["margin"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), rel=1e-5)
     assert stats["reward_acc"] == (chosen_rewards > rejected_rewards).float().mean().item()
+
+
+def test_dpo_batch_adds_the_chosen_replies_nll_per_token(toy_tokenizer):
+    # RPO: loss = DPO term + alpha * mean over pairs of the chosen reply's NLL per token, computed here
+    # straight from the logits of prompt + reply, one pair at a time.
+    pairs = ideal_vs_bad_pairs(toy_tokenizer, n=4)
+    policy, reference = tiny_gpt(toy_tokenizer, 0), tiny_gpt(toy_tokenizer, 1)
+    ref_chosen, ref_rejected = rl.reference_log_probs(reference, pairs)
+    policy.eval()  # no dropout, so every forward pass below sees the same function
+    plain, plain_stats = rl.dpo_batch(policy, pairs, ref_chosen, ref_rejected, beta=0.5)
+    loss, stats = rl.dpo_batch(policy, pairs, ref_chosen, ref_rejected, beta=0.5, nll_coef=0.7)
+    nlls = []
+    for pair in pairs:
+        ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
+        n_prompt, n_reply = len(pair["prompt_ids"]), len(pair["chosen_ids"])
+        logits = policy(ids)[0, n_prompt - 1:-1]  # the positions that predict the reply's tokens
+        nlls.append(F.cross_entropy(logits, torch.tensor(pair["chosen_ids"])))
+    nll = torch.stack(nlls).mean()
+    assert stats["nll_chosen"] == pytest.approx(nll.item(), rel=1e-5) and nll.item() > 0
+    assert stats["dpo_loss"] == pytest.approx(plain.item(), rel=1e-6) == plain_stats["dpo_loss"]
+    torch.testing.assert_close(loss, plain + 0.7 * nll)
+    extra_grad, = torch.autograd.grad(loss - plain, policy.lm_head.weight)  # the NLL term moves the policy
+    assert extra_grad.norm() > 0
 
 
 def small_rollout(tokenizer, policy, n_tasks=4, samples=2):

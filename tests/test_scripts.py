@@ -219,6 +219,7 @@ def test_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("script,args", [("00_pretrain.py", ["--max-steps", "0"]), ("00_pretrain.py", ["--lr", "-1"]),
                                          ("01_sft.py", ["--epochs", "0"]), ("00_pretrain.py", ["--preset", "huge"]),
                                          ("04_dpo.py", ["--loss", "kto"]), ("04_dpo.py", ["--label-smoothing", "0.7"]),
+                                         ("04_dpo.py", ["--nll-coef", "-1"]),
                                          ("02_reward_model.py", ["--epochs", "-1"]), ("00_pretrain.py", ["--device", "gpu"]),
                                          ("03_ppo.py", ["--kl-coef", "-1"]), ("03_ppo.py", ["--kl-estimator", "k9"]),
                                          ("05_grpo.py", ["--group-size", "1"]), ("05_grpo.py", ["--loss-agg", "sum"]),
