@@ -15,13 +15,13 @@ No reward model, no sampling during training: the SFT model is both the starting
 reference. At step 0 pi = ref, every margin is 0 and the loss is ln 2 = 0.693 exactly. IPO
 ((h - 1/(2 beta))^2) and the hinge loss are the same idea with other curves (--loss).
 
-DPO only asks the chosen reply to gain on the rejected one, and both usually lose probability on the
-way. RPO (Pang et al. 2024) adds the chosen replies' negative log-likelihood per token,
+DPO only asks the chosen reply to gain on the rejected one; with larger steps the chosen replies lose
+probability too. RPO (Pang et al. 2024) adds the chosen replies' negative log-likelihood per token,
 
     L = L_DPO + alpha * NLL(y_w | x),
 
-which keeps them likely; on this world it lets DPO take larger steps for more gold at a lower KL (the cpu
-preset's default; --nll-coef 0 is plain DPO). The printed and asserted step-0 loss is the DPO term.
+which keeps them likely; on this world it lets DPO take larger steps for more gold at a lower KL (alpha 30
+on the cpu preset; --nll-coef 0 is plain DPO). The printed and asserted step-0 loss is the DPO term.
 
 What to watch: the implicit-reward accuracy and margin rising on the training pairs and, more slowly,
 on held-out ones; the log-probs of chosen and rejected replies (both often fall: DPO only needs their

@@ -295,7 +295,8 @@ def dpo_batch(policy, pairs, ref_chosen, ref_rejected, *, beta, loss_type="sigmo
     negative log-likelihood per token).
 
     nll_coef > 0 adds nll_coef x that NLL to the loss (RPO, Pang et al. 2024): DPO only asks the chosen
-    reply to gain on the rejected one, and both often lose probability; the NLL term keeps chosen replies likely.
+    reply to gain on the rejected one, and with larger steps the chosen replies lose probability too; the NLL
+    term keeps them likely.
     """
     pi_chosen, pi_rejected = pair_log_probs(policy, pairs)  # (B,), (B,) summed over reply tokens
     loss, chosen_rewards, rejected_rewards = dpo_loss(
