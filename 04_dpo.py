@@ -24,8 +24,9 @@ which keeps them likely; on this world it lets DPO take larger steps for more go
 on the cpu preset; --nll-coef 0 is plain DPO). The printed and asserted step-0 loss is the DPO term.
 
 What to watch: the implicit-reward accuracy and margin rising on the training pairs and, more slowly,
-on held-out ones; the log-probs of chosen and rejected replies (both often fall: DPO only needs their
-gap to grow, "likelihood displacement"); KL to SFT; the eval suite's win rate against SFT.
+on held-out ones; the log-probs of chosen and rejected replies (under plain DPO both can fall, since it
+only needs their gap to grow: "likelihood displacement"; the NLL term holds the chosen ones up); KL to
+SFT; the eval suite's win rate against SFT.
 
     python 04_dpo.py                  # needs out/sft/model.pt (01) and reuses 02's preference pairs
     python 04_dpo.py --preset test --loss ipo
@@ -78,7 +79,7 @@ PRESETS = {
     "test": DPOConfig(beta=0.1, loss="sigmoid", label_smoothing=0.0, epochs=3, batch_size=16, lr=1e-3, nll_coef=1.0,
                       eval_samples=1, eval_max_new_tokens=48, log_every=5),
     # The chosen replies are SFT's own samples, about 0.07 nats per token at the start, so the NLL term needs
-    # a large alpha to count (10, 30 and 100 tried: the README's 04). The gpu preset has not run with it.
+    # a large alpha to count (1 to 100 tried: docs/experiments.md, 04). The gpu preset has not run with it.
     "cpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=32, lr=1e-4, nll_coef=30.0),
     "gpu": DPOConfig(beta=1.0, loss="sigmoid", label_smoothing=0.0, epochs=2, batch_size=64, lr=2e-5, nll_coef=0.0),
 }
@@ -142,7 +143,7 @@ def main():
     order = list(range(len(train_pairs)))
     steps_per_epoch = (len(order) + config.batch_size - 1) // config.batch_size
     max_steps = config.epochs * steps_per_epoch
-    curve = {k: [] for k in ("step", "loss", "dpo_loss", "nll_chosen", "reward_acc", "margin", "logp_chosen",
+    curve = {k: [] for k in ("step", "dpo_loss", "nll_chosen", "reward_acc", "margin", "logp_chosen",
                              "logp_rejected", "eval_step", "eval_acc", "eval_margin", "kl")}
     suite = world.eval_suite()
     kl_tasks = suite[::max(1, len(suite) // config.kl_prompts)][:config.kl_prompts]  # spread over every kind
@@ -161,7 +162,6 @@ def main():
             assert abs(stats["dpo_loss"] - math.log(2)) < tolerance, "at step 0 the policy is the reference: loss ln 2"
         update(policy, optimizer, loss * weight, config.grad_clip, step)  # NaN guard, backward, clip, step
         curve["step"].append(step)
-        curve["loss"].append(loss.item())
         for key, value in stats.items():
             curve[key].append(value)
         if progress.due(step) and is_main():
@@ -171,8 +171,8 @@ def main():
             curve["eval_margin"].append(eval_margin)
             curve["kl"].append(sampled_kl(policy, reference, tokenizer, kl_tasks, args.seed))
             progress.line(step, epoch=epoch + 1, dpo_loss=stats["dpo_loss"], nll=stats["nll_chosen"],
-                          acc=stats["reward_acc"], margin=stats["margin"], held_out_acc=eval_acc, held_out_margin=eval_margin,
-                          kl=curve["kl"][-1], lr=lr)
+                          acc=stats["reward_acc"], margin=stats["margin"], held_out_acc=eval_acc,
+                          held_out_margin=eval_margin, kl=curve["kl"][-1], lr=lr)
     train_seconds = time.time() - progress.start
     if not is_main():  # the other data-parallel processes are done
         return
@@ -186,8 +186,8 @@ def main():
                                     ref_texts=sft_texts)
     train_acc, train_margin = implicit_reward_stats(policy, train_pairs, *ref_train, config.beta)  # all pairs, after training
     metrics.update(held_out_reward_acc=curve["eval_acc"][-1], held_out_margin=curve["eval_margin"][-1],
-                   train_reward_acc=train_acc, train_margin=train_margin, step0_loss=curve["dpo_loss"][0], data=data_stats,
-                   train_seconds=train_seconds, preset=args.preset, seed=args.seed, device=str(device),
+                   train_reward_acc=train_acc, train_margin=train_margin, step0_loss=curve["dpo_loss"][0],
+                   data=data_stats, train_seconds=train_seconds, preset=args.preset, seed=args.seed, device=str(device),
                    threads=torch.get_num_threads())
     write_json(out / "metrics.json", metrics)
     write_json(out / "eval_texts.json", texts)

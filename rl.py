@@ -303,7 +303,9 @@ def dpo_batch(policy, pairs, ref_chosen, ref_rejected, *, beta, loss_type="sigmo
         pi_chosen, pi_rejected, ref_chosen.to(pi_chosen.device), ref_rejected.to(pi_chosen.device),
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     chosen_tokens = torch.tensor([len(p["chosen_ids"]) for p in pairs], device=pi_chosen.device)
-    nll_chosen = -(pi_chosen / chosen_tokens).mean()  # each reply's mean over its tokens, then over the batch
+    # Each reply's mean over its tokens, then over the batch; from the log-probs DPO already has (rl.reply_loss
+    # would run the model a second time).
+    nll_chosen = -(pi_chosen / chosen_tokens).mean()
     stats = {"dpo_loss": loss.item(), "reward_acc": (chosen_rewards > rejected_rewards).float().mean().item(),
              "margin": (chosen_rewards - rejected_rewards).mean().item(),
              "logp_chosen": pi_chosen.mean().item(), "logp_rejected": pi_rejected.mean().item(),

@@ -244,8 +244,7 @@ def test_dpo_batch_adds_the_chosen_replies_nll_per_token(toy_tokenizer):
     nlls = []
     for pair in pairs:
         ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
-        n_prompt, n_reply = len(pair["prompt_ids"]), len(pair["chosen_ids"])
-        logits = policy(ids)[0, n_prompt - 1:-1]  # the positions that predict the reply's tokens
+        logits = policy(ids)[0, len(pair["prompt_ids"]) - 1:-1]  # the positions that predict the reply's tokens
         nlls.append(F.cross_entropy(logits, torch.tensor(pair["chosen_ids"])))
     nll = torch.stack(nlls).mean()
     assert stats["nll_chosen"] == pytest.approx(nll.item(), rel=1e-5) and nll.item() > 0
