@@ -390,7 +390,106 @@ def plot_methods(path, methods, kl, sft_metrics, preset, ideal_win=None):
     plt.close(fig)
 
 
+# ---- the temperature sweep: how much of each gain a lower sampling temperature gives -------------
+
+SWEEP_STAGES = [(stage, name) for stage, name in REPORT_ROWS if stage not in ("pretrain", "reward_model")]
+SWEEP_KEYS = ["gold_score", "win_rate_vs_sft", "tie_rate_vs_sft", "math_acc", "facts_acc", "idk_rate",
+              "pushback_rate", "harmful_refusal_rate", "benign_help_rate"]
+
+
+def temperature_sweep(out, temperatures, device="cpu"):
+    """Every policy's eval suite sampled again at each of `temperatures` (same tasks, samples and seed).
+
+    The eval suite samples at temperature 1 to measure each policy's distribution. A lower temperature
+    moves probability to each step's likeliest token with no training at all, and drops many of the slips
+    a small model's tail holds (a wrong digit, a wrong name). Each point has two win rates: against SFT's
+    replies at temperature 1 (the report card's reference: what the method and the cooler sampler give
+    together) and against SFT's replies at the same temperature (what the method adds to the cooler
+    sampler). Writes <out>/temperature_sweep.json and .png."""
+    out = Path(out)
+    if not (out / "sft" / "model.pt").is_file():  # every win rate is against SFT's replies
+        raise SystemExit(f"error: {out}/sft/model.pt not found: run `python 01_sft.py` first (with the same --out)")
+    tasks = world.eval_suite()
+    sft_texts = {1.0: read_stage_json(out, "sft", "eval_texts.json")}  # SFT's replies at each temperature
+    samples = len(sft_texts[1.0]) // len(tasks)
+    sampled_tasks = [task for task in tasks for _ in range(samples)]
+    sweep = {}
+    for stage, name in SWEEP_STAGES:
+        if not (out / stage / "model.pt").is_file():
+            continue
+        stored = read_stage_json(out, stage, "metrics.json")
+        model, tokenizer, meta = load_stage(out, stage, device, frozen=True)
+        rows = {1.0: {k: stored[k] for k in SWEEP_KEYS if k in stored}}
+        if stage == "sft":  # against its own replies every reply ties
+            rows[1.0].update(win_rate_vs_sft=0.5, tie_rate_vs_sft=1.0)
+        rows[1.0]["win_rate_vs_sft_at_t"] = rows[1.0]["win_rate_vs_sft"]
+        for temperature in temperatures:
+            metrics, texts = world.evaluate(model, tokenizer, tasks, samples=samples, temperature=temperature,
+                                            seed=stored.get("seed", 0), ref_texts=sft_texts[1.0],
+                                            max_new_tokens=meta["config"]["eval_max_new_tokens"])
+            if stage == "sft":
+                sft_texts[temperature] = texts
+            rows[temperature] = {k: metrics[k] for k in SWEEP_KEYS}
+            rows[temperature]["win_rate_vs_sft_at_t"], _ = world.compare_with_reference(sampled_tasks, texts,
+                                                                                        sft_texts[temperature])
+            print(f"{name:>5} at temperature {temperature:g}: " + "  ".join(
+                f"{k} {rows[temperature][k]:.3f}" for k in ("gold_score", "win_rate_vs_sft", "win_rate_vs_sft_at_t",
+                                                            "math_acc", "facts_acc", "harmful_refusal_rate",
+                                                            "benign_help_rate")), flush=True)
+        sweep[name] = {f"{t:g}": row for t, row in rows.items()}
+    write_json(out / "temperature_sweep.json", sweep)
+    plot_temperature_sweep(out / "temperature_sweep.png", sweep)
+    print(f"wrote {out}/temperature_sweep.json and temperature_sweep.png")
+    return sweep
+
+
+def plot_temperature_sweep(path, sweep):
+    """Gold score and the two win rates against the sampling temperature, a line per stage."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("gold_score", "gold score: the same models, sampled cooler"),
+              ("win_rate_vs_sft", "win rate against SFT's replies at temperature 1"),
+              ("win_rate_vs_sft_at_t", "win rate against SFT sampled at the same temperature"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for ax, (key, title) in zip(axes, panels):
+        for name, rows in sweep.items():
+            points = sorted((float(t), row[key]) for t, row in rows.items())
+            ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if name == "SFT" else "-")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sampling temperature (the report card's: 1)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    for ax in axes[1:]:
+        for target, label in ((0.60, "04's target"), (0.65, "03's target")):
+            ax.axhline(target, color="green", linestyle=":", linewidth=1)
+            ax.annotate(label, (0, target), xycoords=("axes fraction", "data"), textcoords="offset points",
+                        xytext=(4, 3), color="green", fontsize=8)
+    top = max(ax.get_ylim()[1] for ax in axes[1:])
+    for ax in axes[1:]:
+        ax.set_ylim(0.48, max(top, 0.665))  # the same scale for both win rates
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sampling_temperature(text):
+    value = float(text)
+    if not 0 < value <= 2:
+        raise argparse.ArgumentTypeError(f"must be in (0, 2], got {value}")
+    return value
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build <out>/report.md and report.png from the stages that have run.")
     parser.add_argument("--out", default="out")
-    build_report(parser.parse_args().out)
+    parser.add_argument("--temperatures", type=sampling_temperature, nargs="+", default=None,
+                        help="also sample every policy's eval suite at these temperatures (e.g. 0.7 0.5 0.3) and "
+                             "write temperature_sweep.json and .png: what a cooler sampler alone gives")
+    parser.add_argument("--device", default="cpu", help="where the sweep runs its models (default: cpu)")
+    args = parser.parse_args()
+    build_report(args.out)
+    if args.temperatures:
+        temperature_sweep(args.out, args.temperatures, args.device)

@@ -226,12 +226,33 @@ def test_corrupt_checkpoint_gives_a_one_line_error(tmp_path):
                                          ("05_grpo.py", ["--ptx-coef", "-1"]),
                                          ("06_rlvr.py", ["--beta", "-0.1"]), ("06_rlvr.py", ["--math-share", "1.5"]),
                                          ("07_cai.py", ["--principles", "99"]),
-                                         ("07_cai.py", ["--sl-benign-share", "1"]), ("run_all.py", ["--jobs", "0"])])
+                                         ("07_cai.py", ["--sl-benign-share", "1"]), ("run_all.py", ["--jobs", "0"]),
+                                         ("report.py", ["--temperatures", "0"])])
 def test_bad_arguments_exit_with_usage_error(script, args, tmp_path):
     result = run_script(script, "--out", str(tmp_path), *args)
     assert result.returncode == 2
     assert "error" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_temperature_sweep_repeats_each_stage_eval_at_temperature_1_and_samples_cooler_below(pipeline, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(pipeline, out)
+    result = run_script("report.py", "--out", str(out), "--temperatures", "1.0", "0.3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    sweep = json.loads((out / "temperature_sweep.json").read_text())
+    assert list(sweep) == ["SFT", "PPO", "DPO", "GRPO", "RLVR", "CAI"]
+    for name, stage in (("SFT", "sft"), ("PPO", "ppo"), ("DPO", "dpo"), ("GRPO", "grpo"), ("RLVR", "rlvr"),
+                        ("CAI", "cai")):
+        stored = read_metrics(out, stage)
+        for key, value in sweep[name]["1"].items():  # reloaded from model.pt, sampled as the stage sampled
+            if key in stored:
+                assert value == stored[key], (name, key)
+        assert sweep[name]["1"]["win_rate_vs_sft_at_t"] == sweep[name]["1"]["win_rate_vs_sft"]
+    assert sweep["SFT"]["1"]["win_rate_vs_sft"] == 0.5  # SFT against its own replies: every reply a tie
+    assert sweep["SFT"]["0.3"]["tie_rate_vs_sft"] < 1.0  # a cooler sampler changed some replies
+    assert sweep["SFT"]["0.3"]["win_rate_vs_sft_at_t"] == 0.5  # and is compared with itself at the same temperature
+    assert (out / "temperature_sweep.png").is_file()
 
 
 def test_report_plot_moves_the_label_of_a_point_next_to_an_earlier_one():
