@@ -405,13 +405,17 @@ def temperature_sweep(out, temperatures, device="cpu"):
     a small model's tail holds (a wrong digit, a wrong name). Each point has two win rates: against SFT's
     replies at temperature 1 (the report card's reference: what the method and the cooler sampler give
     together) and against SFT's replies at the same temperature (what the method adds to the cooler
-    sampler). Writes <out>/temperature_sweep.json and .png."""
+    sampler). The temperature-1 point is each stage's own metrics.json unless 1 is asked for too (then
+    sampled again, as on another device it would be). Writes <out>/temperature_sweep.json and .png."""
     out = Path(out)
     if not (out / "sft" / "model.pt").is_file():  # every win rate is against SFT's replies
         raise SystemExit(f"error: {out}/sft/model.pt not found: run `python 01_sft.py` first (with the same --out)")
     tasks = world.eval_suite()
     sft_texts = {1.0: read_stage_json(out, "sft", "eval_texts.json")}  # SFT's replies at each temperature
     samples = len(sft_texts[1.0]) // len(tasks)
+    if samples == 0 or len(sft_texts[1.0]) % len(tasks):
+        raise SystemExit(f"error: {out}/sft/eval_texts.json holds replies to another eval suite: run `python "
+                         "01_sft.py` again (with the same --out)")
     sampled_tasks = [task for task in tasks for _ in range(samples)]
     sweep = {}
     for stage, name in SWEEP_STAGES:
@@ -422,16 +426,17 @@ def temperature_sweep(out, temperatures, device="cpu"):
         rows = {1.0: {k: stored[k] for k in SWEEP_KEYS if k in stored}}
         if stage == "sft":  # against its own replies every reply ties
             rows[1.0].update(win_rate_vs_sft=0.5, tie_rate_vs_sft=1.0)
-        rows[1.0]["win_rate_vs_sft_at_t"] = rows[1.0]["win_rate_vs_sft"]
+        rows[1.0]["win_rate_vs_sft_at_t"] = rows[1.0].get("win_rate_vs_sft")
+        rows[1.0]["tie_rate_vs_sft_at_t"] = rows[1.0].get("tie_rate_vs_sft")
         for temperature in temperatures:
             metrics, texts = world.evaluate(model, tokenizer, tasks, samples=samples, temperature=temperature,
                                             seed=stored.get("seed", 0), ref_texts=sft_texts[1.0],
                                             max_new_tokens=meta["config"]["eval_max_new_tokens"])
             if stage == "sft":
-                sft_texts[temperature] = texts
+                sft_texts.setdefault(temperature, texts)  # at 1 the stored replies stay the reference
             rows[temperature] = {k: metrics[k] for k in SWEEP_KEYS}
-            rows[temperature]["win_rate_vs_sft_at_t"], _ = world.compare_with_reference(sampled_tasks, texts,
-                                                                                        sft_texts[temperature])
+            rows[temperature]["win_rate_vs_sft_at_t"], rows[temperature]["tie_rate_vs_sft_at_t"] = \
+                world.compare_with_reference(sampled_tasks, texts, sft_texts[temperature])
             print(f"{name:>5} at temperature {temperature:g}: " + "  ".join(
                 f"{k} {rows[temperature][k]:.3f}" for k in ("gold_score", "win_rate_vs_sft", "win_rate_vs_sft_at_t",
                                                             "math_acc", "facts_acc", "harmful_refusal_rate",
@@ -449,17 +454,19 @@ def plot_temperature_sweep(path, sweep):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("gold_score", "gold score: the same models, sampled cooler"),
-              ("win_rate_vs_sft", "win rate against SFT's replies at temperature 1"),
-              ("win_rate_vs_sft_at_t", "win rate against SFT sampled at the same temperature"))
+    panels = (("gold_score", "gold score", "gold score: the same models, sampled cooler"),
+              ("win_rate_vs_sft", "win rate vs SFT at temperature 1", "win rate against SFT's replies at temperature 1"),
+              ("win_rate_vs_sft_at_t", "win rate vs SFT at the same temperature",
+               "win rate against SFT sampled at the same temperature"))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, label, title) in zip(axes, panels):
         for name, rows in sweep.items():
-            points = sorted((float(t), row[key]) for t, row in rows.items())
-            ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if name == "SFT" else "-")
+            points = sorted((float(t), row[key]) for t, row in rows.items() if row.get(key) is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if name == "SFT" else "-")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("sampling temperature (the report card's: 1)")
-        ax.set_ylabel(key.replace("_", " "))
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     for ax in axes[1:]:
         for target, label in ((0.60, "04's target"), (0.65, "03's target")):
@@ -467,8 +474,10 @@ def plot_temperature_sweep(path, sweep):
             ax.annotate(label, (0, target), xycoords=("axes fraction", "data"), textcoords="offset points",
                         xytext=(4, 3), color="green", fontsize=8)
     top = max(ax.get_ylim()[1] for ax in axes[1:])
+    lowest = min(row[key] for rows in sweep.values() for row in rows.values()
+                 for key in ("win_rate_vs_sft", "win_rate_vs_sft_at_t") if row.get(key) is not None)
     for ax in axes[1:]:
-        ax.set_ylim(0.48, max(top, 0.665))  # the same scale for both win rates
+        ax.set_ylim(min(0.48, lowest - 0.01), max(top, 0.665))  # the same scale for both win rates
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

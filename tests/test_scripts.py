@@ -252,6 +252,7 @@ def test_temperature_sweep_repeats_each_stage_eval_at_temperature_1_and_samples_
     assert sweep["SFT"]["1"]["win_rate_vs_sft"] == 0.5  # SFT against its own replies: every reply a tie
     assert sweep["SFT"]["0.3"]["tie_rate_vs_sft"] < 1.0  # a cooler sampler changed some replies
     assert sweep["SFT"]["0.3"]["win_rate_vs_sft_at_t"] == 0.5  # and is compared with itself at the same temperature
+    assert sweep["SFT"]["0.3"]["tie_rate_vs_sft_at_t"] == 1.0
     assert (out / "temperature_sweep.png").is_file()
 
 
