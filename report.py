@@ -493,8 +493,8 @@ def sampling_temperature(text):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build <out>/report.md and report.png from the stages that have run.")
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--temperatures", type=sampling_temperature, nargs="+", default=None,
+    parser.add_argument("--out", default="out", help="the run's root folder (default: out)")
+    parser.add_argument("--temperatures", type=sampling_temperature, nargs="+", default=None, metavar="T",
                         help="also sample every policy's eval suite at these temperatures (e.g. 0.7 0.5 0.3) and "
                              "write temperature_sweep.json and .png: what a cooler sampler alone gives")
     parser.add_argument("--device", default="cpu", help="where the sweep runs its models (default: cpu)")
