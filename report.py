@@ -455,7 +455,8 @@ def plot_temperature_sweep(path, sweep):
     import matplotlib.pyplot as plt
 
     panels = (("gold_score", "gold score", "gold score: the same models, sampled cooler"),
-              ("win_rate_vs_sft", "win rate vs SFT at temperature 1", "win rate against SFT's replies at temperature 1"),
+              ("win_rate_vs_sft", "win rate vs SFT at temperature 1",
+               "win rate against SFT's replies at temperature 1"),
               ("win_rate_vs_sft_at_t", "win rate vs SFT at the same temperature",
                "win rate against SFT sampled at the same temperature"))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
